@@ -1,0 +1,1 @@
+"""Data readers: competition CSVs and images."""

@@ -1,0 +1,209 @@
+"""Read and validate competition CSVs (`guid,description,typology`) and split them.
+
+Errors name the file, the line and the field, and say what to do; they are raised as
+`MuseumError`, which the CLI prints on one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from museum.errors import MuseumError
+from museum.log import logger
+
+REQUIRED_COLUMNS = ("guid", "description")
+LABEL_COLUMN = "typology"
+# A guid becomes part of an image path: allow only plain file-name characters.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass
+class CompetitionTable:
+    """Rows of a competition CSV; `labels` is None for an unlabelled (test) file."""
+
+    path: Path
+    guids: list[str]
+    descriptions: list[str]
+    labels: list[str] | None = None
+    lines: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.guids)
+
+    def subset(self, idx: np.ndarray | list[int]) -> "CompetitionTable":
+        idx = list(map(int, idx))
+        return CompetitionTable(
+            path=self.path,
+            guids=[self.guids[i] for i in idx],
+            descriptions=[self.descriptions[i] for i in idx],
+            labels=None if self.labels is None else [self.labels[i] for i in idx],
+            lines=[self.lines[i] for i in idx] if self.lines else [],
+        )
+
+    @property
+    def has_text(self) -> np.ndarray:
+        """Boolean mask: True where the description is non-empty."""
+        return np.array([bool(d.strip()) for d in self.descriptions], dtype=bool)
+
+
+def is_safe_id(guid: str) -> bool:
+    """True when `guid` can be used as a file name (no separators, no `..`, no hidden files)."""
+    return bool(_SAFE_ID.match(guid)) and ".." not in guid
+
+
+def _open_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield (line number, row) from a UTF-8 (optionally BOM) CSV, after checking its header."""
+    if not path.exists():
+        raise MuseumError(f"{path}: file not found")
+    if path.is_dir():
+        raise MuseumError(f"{path}: is a folder; expected a CSV file with columns guid,description,typology")
+    with open(path, "rb") as fb:
+        head = fb.read(4096)
+    if not head.strip():
+        raise MuseumError(f"{path}: empty file; expected a CSV header guid,description[,typology]")
+    if b"\x00" in head:
+        raise MuseumError(f"{path}: not a CSV file (binary content); expected UTF-8 text with columns guid,description,typology")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                found = ",".join(header)[:120] or "nothing"
+                raise MuseumError(
+                    f"{path} line 1: missing column(s) {', '.join(missing)} (found: {found}); "
+                    "the header must name guid,description[,typology]"
+                )
+            reader.fieldnames = header
+            for row in reader:
+                yield reader.line_num, row
+    except UnicodeDecodeError as exc:
+        raise MuseumError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise MuseumError(f"{path}: not a readable CSV ({exc}); check quoting") from None
+
+
+def iter_competition_chunks(
+    path: str | Path, chunk_size: int = 10_000, require_labels: bool = False
+) -> Iterator[CompetitionTable]:
+    """Stream a competition CSV in validated chunks (bounded memory for huge test files).
+
+    Duplicate guids are detected across chunks (a set of guids is the only state kept).
+    """
+    path = Path(path)
+    seen: dict[str, int] = {}
+    chunk = CompetitionTable(path, [], [], [] if require_labels else None, [])
+    any_label_column = None
+    for line, row in _open_rows(path):
+        if any_label_column is None:
+            any_label_column = LABEL_COLUMN in row
+            if require_labels and not any_label_column:
+                raise MuseumError(f"{path} line 1: missing column {LABEL_COLUMN}; a training file needs labels")
+        guid = (row.get("guid") or "").strip()
+        if not guid:
+            raise MuseumError(f"{path} line {line}, field guid: empty; every row needs a unique guid")
+        if guid in seen:
+            raise MuseumError(
+                f"{path} line {line}, field guid: duplicated guid {guid!r} (first at line {seen[guid]}); remove one of the rows"
+            )
+        seen[guid] = line
+        description = row.get("description") or ""
+        chunk.guids.append(guid)
+        chunk.descriptions.append(description.strip())
+        chunk.lines.append(line)
+        if require_labels:
+            label = (row.get(LABEL_COLUMN) or "").strip()
+            if not label:
+                raise MuseumError(
+                    f"{path} line {line}, field {LABEL_COLUMN}: empty label in a training file; fill it in or drop the row"
+                )
+            chunk.labels.append(label)  # type: ignore[union-attr]
+        if len(chunk) >= chunk_size:
+            yield chunk
+            chunk = CompetitionTable(path, [], [], [] if require_labels else None, [])
+    if any_label_column is None:
+        raise MuseumError(f"{path}: header only, no rows; add data rows")
+    if len(chunk):
+        yield chunk
+
+
+def read_competition_csv(path: str | Path, require_labels: bool = False) -> CompetitionTable:
+    """Read a whole competition CSV; with `require_labels`, warn about conflicting duplicates."""
+    path = Path(path)
+    table = CompetitionTable(path, [], [], [] if require_labels else None, [])
+    for chunk in iter_competition_chunks(path, chunk_size=1 << 30, require_labels=require_labels):
+        table = chunk
+    if require_labels:
+        n_conflicts, n_rows = conflicting_descriptions(table)
+        if n_conflicts:
+            logger.warning(
+                f"{path}: {n_conflicts} description(s) carry conflicting labels ({n_rows} rows); "
+                "they stay in training, but no model can get them all right"
+            )
+    return table
+
+
+def normalise_description(text: str) -> str:
+    """Case- and space-insensitive key used to find duplicate descriptions."""
+    return " ".join(text.lower().split())
+
+
+def conflicting_descriptions(table: CompetitionTable) -> tuple[int, int]:
+    """(number of distinct non-empty descriptions with >1 label, rows they cover)."""
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    rows_of: Counter[str] = Counter()
+    for text, label in zip(table.descriptions, table.labels or []):
+        key = normalise_description(text)
+        if key:
+            labels_of[key].add(label)
+            rows_of[key] += 1
+    conflicting = [k for k, v in labels_of.items() if len(v) > 1]
+    return len(conflicting), sum(rows_of[k] for k in conflicting)
+
+
+def stratified_split(
+    labels: list[str], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified (train_idx, val_idx).
+
+    Every class keeps at least one training row; a class with >= 2 rows gets at least
+    one validation row, so rare classes are both trained and measured.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise MuseumError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in sorted(by_class):
+        idx = np.array(by_class[label])
+        rng.shuffle(idx)
+        n_val = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, int(round(val_fraction * len(idx)))))
+        val_idx.extend(idx[:n_val].tolist())
+        train_idx.extend(idx[n_val:].tolist())
+    return np.array(sorted(train_idx)), np.array(sorted(val_idx))
+
+
+def stratified_folds(labels: list[str], n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded stratified k-fold (train_idx, test_idx) pairs, the same for every model compared."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.array(labels)
+    counts = Counter(labels)
+    if min(counts.values()) < n_folds:
+        rare = [c for c, n in counts.items() if n < n_folds]
+        raise MuseumError(f"{n_folds}-fold CV: classes with fewer than {n_folds} rows: {', '.join(rare)}")
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros(len(y)), y))
