@@ -68,8 +68,8 @@ def train_text(
         None, "--unlabeled", help="Extra CSV(s) whose descriptions also train Word2Vec (e.g. test.csv)."
     ),
     out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help="Model folder to write."),
-    epochs: int = typer.Option(15, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
-    patience: int = typer.Option(4, help="Epochs without improvement before stopping."),
+    epochs: int = typer.Option(20, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
+    patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
     seed: int = typer.Option(0, help="One seed for the split, Word2Vec, torch and sklearn."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     val_fraction: float = typer.Option(0.2, help="Stratified validation share."),
@@ -80,7 +80,7 @@ def train_text(
         None, help="LSTM weight in the blend (0..1); default: chosen on validation."
     ),
     batch_size: int = typer.Option(64, help="BiLSTM batch size."),
-    hidden: int = typer.Option(128, help="BiLSTM hidden units per direction."),
+    hidden: int = typer.Option(64, help="BiLSTM hidden units per direction."),
     lr: float = typer.Option(2e-3, help="AdamW learning rate."),
 ) -> None:
     """Train the text expert (Word2Vec + BiLSTM, blended with TF-IDF) on descriptions."""
@@ -115,3 +115,291 @@ def predict_text(
         typer.echo(text)
         for label, p in best:
             typer.echo(f"  {p:6.3f}  {label}")
+
+
+# ----------------------------------------------------------------------------- cascade: submit, tune, evaluate
+
+_MODEL_HELP = "Folder written by train-{kind} (default {default}), or `none` to go without the {kind} model."
+_IMAGES_HELP = "Folder of {guid}.jpg images (default: images/ beside the CSV, if there is one)."
+
+
+def _model_folder(value: str) -> Optional[Path]:
+    """`none` (any case) means: do without this expert."""
+    return None if value.strip().lower() == "none" else Path(value)
+
+
+def _fusion_overrides(
+    text_threshold: Optional[float] = None,
+    image_threshold: Optional[float] = None,
+    blend_weight: Optional[float] = None,
+    fallback: Optional[str] = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+    chunk_size: int = 10_000,
+) -> dict:
+    """Check the shared cascade options and return them as FusionConfig overrides (None = keep saved/default)."""
+    for name, value in (("--text-threshold", text_threshold), ("--image-threshold", image_threshold),
+                        ("--blend-weight", blend_weight)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise MuseumError(f"{name} {value}: must be between 0 and 1")
+    if batch_size < 1:
+        raise MuseumError(f"--batch-size {batch_size}: must be at least 1")
+    if workers < 0:
+        raise MuseumError(f"--workers {workers}: must be 0 or more")
+    if chunk_size < 1:
+        raise MuseumError(f"--chunk-size {chunk_size}: must be at least 1")
+    return dict(text_threshold=text_threshold, image_threshold=image_threshold, blend_weight=blend_weight,
+                fallback=fallback, batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size)
+
+
+@app.command("submit")
+@friendly_errors
+def submit_cmd(
+    test_csv: Path = typer.Argument(..., help="Test CSV: guid,description[,typology]."),
+    images: Optional[Path] = typer.Option(None, "--images", help=_IMAGES_HELP),
+    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
+    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission to write (guid,typology)."),
+    text_threshold: Optional[float] = typer.Option(None, help="Trust text when its top probability is above this (default 0.7, or the tuned value)."),
+    image_threshold: Optional[float] = typer.Option(None, help="Trust the image when its top probability is above this (default 0.7, or tuned)."),
+    blend_weight: Optional[float] = typer.Option(None, help="Text weight when blending (default 0.5, or tuned)."),
+    fallback: Optional[str] = typer.Option(None, help="Class for rows with neither text nor image (default: most frequent training class)."),
+    proba: Optional[Path] = typer.Option(None, "--proba", help="Also write per-class probabilities and each row's route here."),
+    settings: Optional[Path] = typer.Option(None, "--settings", help="Tuned settings (default: fusion.json beside the model folders)."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    chunk_size: int = typer.Option(10_000, help="Rows held in memory at a time."),
+) -> None:
+    """Write a submission: text when sure, else image when sure, else a blend; fallback for empty rows."""
+    from museum.submit import submit
+
+    overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device, chunk_size)
+    summary = submit(test_csv, out, images, _model_folder(text_model), _model_folder(image_model), proba, overrides, settings)
+    typer.echo(summary.format())
+
+
+@app.command("tune")
+@friendly_errors
+def tune_cmd(
+    valid: Path = typer.Option(..., "--valid", help="Labelled CSV the models were not trained on."),
+    images: Optional[Path] = typer.Option(None, "--images", help=_IMAGES_HELP),
+    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
+    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    out: Optional[Path] = typer.Option(None, "--out", help="Settings file to write (default: fusion.json beside the model folders)."),
+    text_threshold: float = typer.Option(0.7, help="Default to beat: text threshold."),
+    image_threshold: float = typer.Option(0.7, help="Default to beat: image threshold."),
+    blend_weight: float = typer.Option(0.5, help="Default to beat: text weight in the blend."),
+    fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality (default: most frequent training class)."),
+    folds: int = typer.Option(5, help="Cross-validation folds that estimate the gain of tuning."),
+    min_gain: float = typer.Option(0.005, help="Out-of-fold macro-F1 gain needed to leave the defaults."),
+    seed: int = typer.Option(0, help="Seed of the folds."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Search thresholds and blend weight for macro-F1 on a labelled set; save them for submit."""
+    from museum.evaluate import tune
+
+    if folds < 2:
+        raise MuseumError(f"--folds {folds}: must be at least 2")
+    overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
+    overrides.update(tune_folds=folds, tune_min_gain=min_gain, seed=seed)
+    _, _, text = tune(valid, images, _model_folder(text_model), _model_folder(image_model), overrides, out)
+    typer.echo(text)
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    labeled: Path = typer.Argument(..., help="Labelled CSV: guid,description,typology."),
+    images: Optional[Path] = typer.Option(None, "--images", help=_IMAGES_HELP),
+    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
+    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    text_threshold: Optional[float] = typer.Option(None, help="Override the text threshold (default 0.7, or tuned)."),
+    image_threshold: Optional[float] = typer.Option(None, help="Override the image threshold (default 0.7, or tuned)."),
+    blend_weight: Optional[float] = typer.Option(None, help="Override the blend weight (default 0.5, or tuned)."),
+    fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all metrics as JSON here."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Macro-F1, accuracy and per-class reports: text-only, image-only, cascade and each route."""
+    from museum.evaluate import evaluate
+
+    overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
+    typer.echo(evaluate(labeled, images, _model_folder(text_model), _model_folder(image_model), overrides, json_out).text)
+
+
+# ----------------------------------------------------------------------------- image
+
+
+@app.command("train-image")
+@friendly_errors
+def train_image(
+    images: Path = typer.Option(..., "--images", help="DIR/<class>/*.jpg, or with --train the folder of {guid}.jpg."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Competition CSV (guid,description,typology) for DIR/{guid}.jpg."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation DIR/<class>/*.jpg; default: a stratified split."),
+    out: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--out", help="Model folder to write."),
+    backbone: str = typer.Option("mobilenet_v2", help="torchvision model name (resnet18, efficientnet_b0, ...)."),
+    weights: str = typer.Option("imagenet", help="imagenet, none, or a .pth state dict file."),
+    input_size: int = typer.Option(0, help="Square input size in pixels; 0 = from the data (64 for thumbnails, else 160)."),
+    epochs: int = typer.Option(12, help="Maximum epochs (early stopping on validation macro-F1)."),
+    patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
+    batch_size: int = typer.Option(32, help="Images per step (per process under torchrun)."),
+    lr: float = typer.Option(1e-3, help="AdamW peak learning rate."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
+    warmup_epochs: float = typer.Option(1.0, help="Linear warm-up after the frozen epochs."),
+    freeze_epochs: int = typer.Option(0, help="Head-only epochs before the backbone trains."),
+    trainable: float = typer.Option(0.3, help="Share of backbone layers, from the top, that fine-tune (1 = all)."),
+    label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
+    balance: str = typer.Option("loss", help="loss (class-weighted), sampler (class-balanced draws) or none."),
+    soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
+    crop_scale: float = typer.Option(0.35, help="Smallest area share of the random resized crop."),
+    color_jitter: float = typer.Option(0.3, help="Brightness/contrast/saturation jitter, 0 = off."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
+    workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
+    threads: int = typer.Option(0, help="torch CPU threads; 0 = CPUs per process."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
+    seed: int = typer.Option(0, help="One seed for the split, initialisation, sampling and augmentation."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    val_fraction: float = typer.Option(0.2, help="Stratified validation share when --val is not given."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
+) -> None:
+    """Fine-tune an ImageNet CNN on a folder-per-class image set or the competition's photos."""
+    from museum.config import ImageConfig
+    from museum.image.train import BALANCE, train_image_model
+
+    if epochs < 1:
+        raise MuseumError(f"--epochs {epochs}: must be at least 1")
+    if patience < 1:
+        raise MuseumError(f"--patience {patience}: must be at least 1")
+    if batch_size < 2:
+        raise MuseumError(f"--batch-size {batch_size}: must be at least 2")
+    if input_size != 0 and not 16 <= input_size <= 1024:
+        raise MuseumError(f"--input-size {input_size}: must be 0 (auto) or between 16 and 1024")
+    if balance not in BALANCE:
+        raise MuseumError(f"--balance {balance}: expected one of {', '.join(BALANCE)}")
+    for name, value in (("--soft-f1", soft_f1), ("--label-smoothing", label_smoothing), ("--color-jitter", color_jitter)):
+        if not 0.0 <= value < 1.0 + (name == "--soft-f1"):
+            raise MuseumError(f"{name} {value}: must be between 0 and 1")
+    if not 0.05 <= crop_scale <= 1.0:
+        raise MuseumError(f"--crop-scale {crop_scale}: must be between 0.05 and 1")
+    if lr <= 0:
+        raise MuseumError(f"--lr {lr}: must be positive")
+    if not 0.0 <= trainable <= 1.0:
+        raise MuseumError(f"--trainable {trainable}: must be between 0 and 1")
+    config = ImageConfig(
+        seed=seed, val_fraction=val_fraction, device=device, backbone=backbone, weights=weights,
+        input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
+        label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
+        color_jitter=color_jitter, amp=amp, workers=workers, threads=threads,
+        cache_dir=str(cache_dir) if cache_dir else None,
+    )
+    train_image_model(config, images, out, train_csv=train, val=val, resume=resume)
+
+
+@app.command("predict-image")
+@friendly_errors
+def predict_image(
+    paths: list[Path] = typer.Argument(..., help="One or more image files."),
+    model: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--model", help="Folder written by train-image."),
+    top: int = typer.Option(3, help="How many classes to show."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Print the most probable classes of images (unreadable files are reported, not fatal)."""
+    from museum.image.model import ImageModel
+    from museum.metrics import top_k
+
+    if top < 1:
+        raise MuseumError(f"--top {top}: must be at least 1")
+    image_model = ImageModel.load(model, device=device)
+    proba, ok = image_model.predict_paths(paths, num_workers=0 if len(paths) < 64 else 2)
+    best = top_k(proba[ok], image_model.classes_, top) if ok.any() else []
+    rows = iter(best)
+    for path, good in zip(paths, ok):
+        typer.echo(str(path))
+        if not good:
+            from museum.data.images import ImageDecodeError, safe_open_image
+
+            try:
+                safe_open_image(path)
+                reason = "unreadable"
+            except ImageDecodeError as exc:
+                reason = exc.reason
+            typer.echo(f"  cannot read: {reason}")
+            continue
+        for label, p in next(rows):
+            typer.echo(f"  {p:6.3f}  {label}")
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
+    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default is reachable from this machine only."),
+    port: int = typer.Option(8000, help="TCP port."),
+    settings: Optional[Path] = typer.Option(None, "--settings", help="Tuned settings (default: fusion.json beside the model folders)."),
+    max_upload_mb: int = typer.Option(12, help="Largest request body for a photo + description, in MB."),
+    max_csv_mb: int = typer.Option(50, help="Largest CSV upload for a submission, in MB."),
+    timeout: float = typer.Option(30.0, help="Seconds a request may take before it is answered 504."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request."),
+) -> None:
+    """Serve a page and a JSON API (/predict, /submit, /models, /health) over the trained models."""
+    try:
+        from museum.serve import Limits, run_server
+        from museum.serve.limits import MB
+    except ImportError as exc:
+        raise MuseumError(f"museum serve needs the serve extra ({exc.name} is missing): pip install -e '.[serve]'") from None
+
+    if not 0 < port < 65536:
+        raise MuseumError(f"--port {port}: must be between 1 and 65535")
+    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-csv-mb", max_csv_mb)):
+        if not 1 <= value <= 1024:
+            raise MuseumError(f"{name} {value}: must be between 1 and 1024")
+    if not 0 < timeout <= 3600:
+        raise MuseumError(f"--timeout {timeout}: must be between 0 and 3600 seconds")
+    limits = Limits(upload_bytes=max_upload_mb * MB, csv_bytes=max_csv_mb * MB, timeout_s=timeout)
+    run_server(_model_folder(text_model), _model_folder(image_model), host, port, device, settings, limits, access_log)
+
+
+# ----------------------------------------------------------------------------- reports and dataset analysis
+
+
+@app.command("report")
+@friendly_errors
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder of train-text or train-image (finished or interrupted)."),
+) -> None:
+    """Rebuild report.html and its PNG figures in a run folder."""
+    from museum.reports.run_report import build_run_report
+
+    if not run_dir.is_dir():
+        raise MuseumError(f"{run_dir}: not a folder; give a run folder written by train-text or train-image")
+    typer.echo(f"report: {build_run_report(run_dir)}")
+
+
+@app.command("eda")
+@friendly_errors
+def eda_cmd(
+    path: Path = typer.Argument(..., help="Competition CSV (guid,description[,typology]) or DIR/<class>/*.jpg."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (default: images/ beside the CSV, if there is one)."),
+    stats: bool = typer.Option(False, "--stats", help="Also write per-channel mean/std (channel_stats.json) for train-image."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eda.html, eda.json and the figures (default: reports/eda-NAME)."),
+) -> None:
+    """Analyse a dataset: classes, imbalance, description lengths, duplicates, image sizes, unreadable files."""
+    from museum.reports.eda import run_eda
+
+    if not path.exists():
+        raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
+    if out is not None and out.exists() and not out.is_dir():
+        raise MuseumError(f"--out {out}: is a file; give a folder")
+    typer.echo(run_eda(path, images, stats, out).text)

@@ -38,11 +38,12 @@ class TextConfig:
     w2v_dim: int = 300
     w2v_epochs: int = 10
     w2v_min_count: int = 1
+    embedding_norm: float = 16.0  # mean norm of the vectors fed to the BiLSTM
     # BiLSTM
-    epochs: int = 15
-    patience: int = 4
+    epochs: int = 20
+    patience: int = 5
     batch_size: int = 64
-    hidden: int = 128
+    hidden: int = 64
     dropout: float = 0.3
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -50,4 +51,64 @@ class TextConfig:
     # TF-IDF expert and the blend
     tfidf: bool = True
     tfidf_c: float = 0.2
+    tfidf_refit: bool = True  # refit the TF-IDF expert on train + validation once the blend is chosen
     blend_weight: float | None = None  # weight of the LSTM; None = chosen on validation
+
+
+@dataclass
+class FusionConfig:
+    """`museum submit` / `tune` / `evaluate`: how the text and image experts are combined.
+
+    Saved by `museum tune` as `fusion.json` beside the model folders; `submit` reads it
+    back, and explicit CLI options override it field by field.
+    """
+
+    # Routing: text when its top probability > text_threshold, else image when its top
+    # probability > image_threshold, else the blend (strict `>` so 0.7 itself is "unsure").
+    text_threshold: float = 0.7
+    image_threshold: float = 0.7
+    blend_weight: float = 0.5  # weight of the text softmax in the blend
+    # Class for rows with neither modality; None = the most frequent training class.
+    fallback: str | None = None
+    # Streaming and image decoding
+    chunk_size: int = 10_000
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    # Tuning guard: cross-validated gain over the defaults that a tuned setting must show.
+    tune_folds: int = 5
+    tune_min_gain: float = 0.005
+    seed: int = 0
+
+
+@dataclass
+class ImageConfig:
+    """`museum train-image`: a torchvision backbone fine-tuned on decoded-once images."""
+
+    seed: int = 0
+    val_fraction: float = 0.2
+    device: str = "auto"
+    # model
+    backbone: str = "mobilenet_v2"
+    weights: str = "imagenet"  # imagenet | none | path to a state dict
+    input_size: int = 0  # 0 = from the data: 64 px for thumbnails, else 160 px
+    # optimisation
+    epochs: int = 12
+    patience: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    freeze_epochs: int = 0  # head-only epochs before the backbone trains
+    trainable: float = 0.3  # share of backbone tensors, from the top, that fine-tune (1 = all)
+    label_smoothing: float = 0.1
+    balance: str = "loss"  # loss (class-weighted CE) | sampler (class-balanced draws) | none
+    soft_f1: float = 0.0  # weight of the soft-F1 term in the loss (0..1)
+    # augmentation
+    crop_scale: float = 0.35  # smallest area share of a random resized crop
+    color_jitter: float = 0.3
+    # runtime
+    amp: bool = True  # mixed precision on CUDA only
+    workers: int = 0  # decoding processes; 0 = min(4, CPUs)
+    threads: int = 0  # torch CPU threads; 0 = CPUs / processes
+    cache_dir: str | None = None  # keep decoded images on disk, keyed by content hash + size

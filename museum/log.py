@@ -1,6 +1,7 @@
 """The package logger: one `museum` logger that the CLI points at stderr."""
 
 import logging
+import sys
 
 logger = logging.getLogger("museum")
 
@@ -8,7 +9,7 @@ logger = logging.getLogger("museum")
 def setup_logging(verbose: bool = False) -> None:
     """Print `museum` log records as plain lines on stderr (idempotent)."""
     if not any(getattr(h, "_museum", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname_short)s%(message)s"))
         handler.addFilter(_ShortLevel())
         handler._museum = True  # type: ignore[attr-defined]
@@ -21,3 +22,15 @@ class _ShortLevel(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.levelname_short = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
         return True
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at emit time (typer's CliRunner swaps it per call)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass

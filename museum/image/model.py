@@ -1,0 +1,145 @@
+"""`ImageModel`: a fine-tuned torchvision CNN with a scikit-learn-like interface.
+
+`fit(paths, labels)` trains (see `museum.image.train`), `predict_proba(images)` scores PIL
+images, `predict_paths(paths)` decodes files through the safe decoder in DataLoader
+workers, and `save`/`load` use one self-describing checkpoint, `best.pt`.
+`classes_` fixes the column order of every probability matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from museum import __version__
+from museum.config import ImageConfig, config_from_dict, config_to_dict
+from museum.data.images import decode_loader, image_to_tensor, to_rgb
+from museum.errors import MuseumError
+from museum.image.augment import normalize
+from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from museum.utils import resolve_device
+
+CHECKPOINT_FORMAT = "museum-image/1"
+
+
+class ImageModel:
+    """Image classifier; after `fit` or `load`, `classes_` names the probability columns."""
+
+    def __init__(self, config: ImageConfig | None = None):
+        self.config = config or ImageConfig()
+        self.classes_: list[str] = []
+        self.net: torch.nn.Module | None = None
+        self.input_size = self.config.input_size
+        self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        self.device = "cpu"
+        self.epoch, self.metric = 0, float("nan")
+        self.report_: dict = {}  # validation results of the last `fit`, for metrics.json
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, paths: Sequence[Path], labels: Sequence[str], val_paths: Sequence[Path] | None = None,
+            val_labels: Sequence[str] | None = None, out: str | Path | None = None, resume: bool = False) -> "ImageModel":
+        """Fine-tune on image files; without `val_paths` a stratified seeded split validates.
+
+        `out` receives last.pt/best.pt/summary.csv as training goes (a temporary folder when None).
+        """
+        from museum.image.train import fit_image_model
+
+        fit_image_model(self, list(paths), list(labels), None if val_paths is None else list(val_paths),
+                        None if val_labels is None else list(val_labels), out, resume)
+        return self
+
+    def build(self, classes: list[str], input_size: int, weights: str) -> str:
+        """Create the network for `classes`; returns where its initial weights came from."""
+        self.classes_, self.input_size = list(classes), int(input_size)
+        self.net, source = build_backbone(self.config.backbone, len(classes), weights)
+        return source
+
+    def meta(self) -> dict:
+        """The self-description stored in every checkpoint (plain types only)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "package_version": __version__, "backbone": self.config.backbone,
+            "classes": list(self.classes_), "input_size": self.input_size, "mean": list(self.mean),
+            "std": list(self.std), "config": config_to_dict(self.config),
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    def _check_fitted(self) -> torch.nn.Module:
+        if self.net is None:
+            raise MuseumError("image model is not trained; call fit() or ImageModel.load(folder) first")
+        return self.net
+
+    @torch.no_grad()
+    def _proba_uint8(self, batch: torch.Tensor) -> np.ndarray:
+        net = self._check_fitted()
+        net.eval()
+        mean = torch.tensor(self.mean, device=self.device)
+        std = torch.tensor(self.std, device=self.device)
+        logits = net(normalize(batch.to(self.device), mean, std))
+        return logits.float().softmax(1).cpu().numpy()
+
+    def predict_proba(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """Probabilities (n, len(classes_)) for PIL images of any mode and size."""
+        self._check_fitted()
+        out = np.zeros((len(images), len(self.classes_)), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            batch = torch.stack([image_to_tensor(to_rgb(img), self.input_size) for img in chunk])
+            out[start:start + len(chunk)] = self._proba_uint8(batch)
+        return out
+
+    def predict_paths(self, paths: list[Path | None], batch_size: int = 64,
+                      num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, C) with NaN rows for unreadable or None paths, ok mask (n,)).
+
+        Files are decoded by the same safe decoder, in DataLoader worker processes.
+        """
+        self._check_fitted()
+        proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
+        ok = np.zeros(len(paths), dtype=bool)
+        for batch in decode_loader(list(paths), self.input_size, batch_size, num_workers):
+            good = [(i, t) for i, t, _ in batch if t is not None]
+            if good:
+                rows = [i for i, _ in good]
+                proba[rows] = self._proba_uint8(torch.stack([t for _, t in good]))
+                ok[rows] = True
+        return proba, ok
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `folder/best.pt` (weights + self-description); returns its path."""
+        from museum.engine import save_checkpoint
+
+        net = self._check_fitted()
+        path = Path(folder) / "best.pt"
+        save_checkpoint({**self.meta(), "epoch": self.epoch, "metric": self.metric,
+                         "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}}, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto") -> "ImageModel":
+        """Rebuild a model from `folder/best.pt` (or a checkpoint file) without network or pretrained files."""
+        from museum.engine import load_checkpoint
+
+        folder = Path(folder)
+        path = folder / "best.pt" if folder.is_dir() or not folder.suffix else folder
+        state = load_checkpoint(path)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise MuseumError(f"{path}: not an image-model checkpoint of this package; pass the folder written by train-image")
+        model = cls(config_from_dict(ImageConfig, state["config"]))
+        model.build(state["classes"], state["input_size"], weights="none")
+        model.mean, model.std = list(state["mean"]), list(state["std"])
+        model.epoch, model.metric = state["epoch"], state["metric"]
+        try:
+            model.net.load_state_dict(state["state_dict"])
+        except RuntimeError as exc:
+            raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({str(exc)[:100]}); retrain") from None
+        model.device = resolve_device(device)
+        model.net.to(model.device).eval()
+        return model

@@ -1,0 +1,248 @@
+"""Train the image expert: data listing, decode-once caches, optimiser, and the run folder.
+
+`train_image_model` is what `museum train-image` calls; `fit_image_model` is the body of
+`ImageModel.fit`. Each process (one, or one per torchrun rank) decodes only its own shard
+of the training and validation rows, once; epochs then run on uint8 tensors in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from museum.config import ImageConfig, config_to_dict
+from museum.data.competition import stratified_split
+from museum.data.images import (decode_cache, default_workers, list_competition_images, list_image_folder,
+                                probe_median_side)
+from museum.engine import (DistInfo, Loop, MixedLoss, all_gather_objects, cleanup_distributed, fit, run_validation,
+                           setup_distributed, warmup_cosine)
+from museum.errors import MuseumError
+from museum.image.augment import augment, normalize
+from museum.image.backbones import head_parameter_names
+from museum.image.model import ImageModel
+from museum.log import logger
+from museum.reports import write_report_safely
+from museum.utils import read_json, resolve_device, seed_everything, write_json
+
+BALANCE = ("loss", "sampler", "none")
+
+
+def auto_input_size(median_side: int) -> int:
+    """Input size for the data: thumbnails (like 28 px) are upscaled less than photos are."""
+    if 0 < median_side <= 64:
+        return 64
+    return 160
+
+
+def _shard(n: int, info: DistInfo, seed: int) -> np.ndarray:
+    """This process's fixed share of `n` rows (all of them without torchrun)."""
+    if not info.enabled:
+        return np.arange(n)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[info.rank::info.world])
+
+
+def _decode(paths: list[Path], config: ImageConfig, size: int, what: str, info: DistInfo):
+    workers = config.workers or default_workers()
+    if info.enabled:
+        workers = max(1, workers // info.world)
+    cache, ok, failures = decode_cache(paths, size, workers, Path(config.cache_dir) if config.cache_dir else None,
+                                       progress=info.is_main)
+    total: Counter = Counter()
+    for part in all_gather_objects(failures, info):
+        total.update(part)
+    if total and info.is_main:
+        logger.warning(f"{what}: skipped {sum(total.values())} image(s): "
+                       + ", ".join(f"{n} {reason}" for reason, n in sorted(total.items())))
+    return cache, ok
+
+
+def _batches(cache: torch.Tensor, target: torch.Tensor, order: torch.Tensor, batch_size: int, train: bool):
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        if train and len(idx) < 2:  # BatchNorm cannot train on a batch of one
+            break
+        yield cache[idx], target[idx]
+
+
+def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val_paths: list[Path] | None,
+                    val_labels: list[str] | None, out: str | Path | None, resume: bool = False) -> ImageModel:
+    """Body of `ImageModel.fit`: split, decode once, fine-tune, restore the best epoch."""
+    config = model.config
+    if config.balance not in BALANCE:
+        raise MuseumError(f"--balance {config.balance}: expected one of {', '.join(BALANCE)}")
+    if not paths:
+        raise MuseumError("no training images; check --images")
+    info, device = setup_distributed(resolve_device(config.device))
+    seed_everything(config.seed)
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    classes = sorted(set(labels))
+    if val_paths is None:
+        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
+        paths, labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+    unknown = sorted(set(val_labels or []) - set(classes))
+    if unknown:
+        raise MuseumError(f"validation classes not in training: {', '.join(unknown[:5])}; give --val the same class folders")
+    size = config.input_size or auto_input_size(probe_median_side(paths, seed=config.seed))
+    source = model.build(classes, size, config.weights)
+    if info.is_main:
+        logger.info(f"{config.backbone} ({source}), {len(classes)} classes, {size} px, "
+                    f"{len(paths)} train / {len(val_paths)} validation images, {info.world} process(es)")
+
+    col = {c: i for i, c in enumerate(classes)}
+    tr = _shard(len(paths), info, config.seed)
+    va = _shard(len(val_paths), info, config.seed + 1)
+    start = time.perf_counter()
+    train_cache, train_ok = _decode([paths[i] for i in tr], config, size, "training", info)
+    val_cache, val_ok = _decode([val_paths[i] for i in va], config, size, "validation", info)
+    if info.is_main:
+        logger.info(f"decoded {len(tr) + len(va)} images once in {time.perf_counter() - start:.1f}s")
+    tr_keep, va_keep = np.flatnonzero(train_ok), np.flatnonzero(val_ok)
+    train_cache, val_cache = train_cache[tr_keep], val_cache[va_keep]
+    y_train = torch.tensor([col[labels[i]] for i in tr[tr_keep]], dtype=torch.long)
+    val_index = va[va_keep]
+    y_val = np.array([col[val_labels[i]] for i in val_index], dtype=np.int64)
+    n_local = len(y_train)
+    per_rank = max(all_gather_objects(n_local, info))
+    if min(all_gather_objects(n_local, info)) < 2:
+        raise MuseumError("fewer than 2 readable training images (per process); add images or use fewer processes")
+
+    net = model.net.to(device)
+    if device.startswith("cpu"):
+        net = net.to(memory_format=torch.channels_last)
+    counts = np.bincount([col[l] for l in labels], minlength=len(classes)).astype(np.float64)
+    inv = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0)
+    class_weights = torch.tensor(inv / inv[counts > 0].mean(), dtype=torch.float32, device=device)
+    head = head_parameter_names(net)
+    body_names = [n for n, _ in net.named_parameters() if n not in head]
+    # Early layers stay fixed: on a CPU their backward pass costs most and, on small data,
+    # ImageNet's low-level filters are already as good as they get.
+    fixed = set(body_names[: int(round(len(body_names) * (1 - config.trainable)))]) if config.weights != "none" else set()
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in fixed)
+    groups = [
+        {"params": [p for n, p in net.named_parameters() if n not in head and n not in fixed], "lr": config.lr},
+        {"params": [p for n, p in net.named_parameters() if n in head], "lr": config.lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    steps = per_rank // config.batch_size + (1 if per_rank % config.batch_size >= 2 else 0)
+    freeze = min(config.freeze_epochs, config.epochs - 1) if config.weights != "none" else 0
+    body = warmup_cosine(steps * config.epochs, int(config.warmup_epochs * steps), hold_steps=steps * freeze)
+    # The backbone's LR is 0 while frozen: DDP needs the same parameters to get gradients every step.
+    backbone_factor = lambda s: 0.0 if s < steps * freeze else body(s)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [backbone_factor, body])
+    amp = config.amp and device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if device.startswith("cuda") else None)
+
+    generator = torch.Generator().manual_seed(config.seed + 1000 * info.rank)
+    mean = torch.tensor(model.mean, device=device)
+    std = torch.tensor(model.std, device=device)
+    sample_weights = class_weights.cpu()[y_train]
+
+    def train_batches(epoch: int):
+        if config.balance == "sampler":
+            order = torch.multinomial(sample_weights, per_rank, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n_local, generator=generator)
+            order = order.repeat(-(-per_rank // n_local))[:per_rank]  # equal steps on every rank
+        return _batches(train_cache, y_train, order, config.batch_size, train=True)
+
+    def set_frozen(frozen: bool) -> None:
+        if info.enabled:
+            return  # DDP: the zero learning rate above does the freezing
+        for name, p in unwrap_net().named_parameters():
+            if name not in fixed:
+                p.requires_grad_(not frozen or name in head)
+
+    def unwrap_net():
+        return net.module if info.enabled else net
+
+    def to_device_layout(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if device.startswith("cpu") else x
+
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="museum-image-"))
+    loop = Loop(
+        model=net, optimizer=optimizer, scheduler=scheduler,
+        criterion=MixedLoss(class_weights if config.balance == "loss" else None, config.label_smoothing, config.soft_f1),
+        train_batches=train_batches,
+        val_batches=(lambda: _batches(val_cache, torch.from_numpy(y_val), torch.arange(len(y_val)), 128, train=False))
+        if len(val_paths) else None,
+        val_target=y_val, val_index=val_index, classes=classes,
+        prepare_train=lambda x: to_device_layout(augment(x, size, generator, config.crop_scale, config.color_jitter, mean, std)),
+        prepare_eval=lambda x: to_device_layout(normalize(x, mean, std)),
+        generator=generator, out=out_dir, meta=model.meta(), epochs=config.epochs, patience=config.patience,
+        device=device, images_per_epoch=per_rank, set_frozen=set_frozen, freeze_epochs=freeze, amp=amp,
+        scaler=scaler, info=info,
+    )
+    best = fit(loop, resume=resume)
+    set_frozen(False)
+    model.net, model.device = unwrap_net(), device
+    model.epoch, model.metric = best["best_epoch"], best["best_metric"]
+    val, outputs = run_validation(loop)
+    model.report_ = _report(val, outputs, val_paths, classes, loop.history, best)
+    return model
+
+
+def _report(val, outputs, val_paths, classes, history, best) -> dict:
+    """metrics.json content: per-class report, per-image validation predictions, history."""
+    report = {"best_epoch": best["best_epoch"], "best_metric": best["best_metric"], "history": history,
+              "validation": val, "val_predictions": []}
+    if outputs is not None:
+        proba = outputs["logits"].softmax(1).numpy()
+        report["val_predictions"] = [
+            {"path": str(Path(val_paths[i]).resolve()), "true": classes[t], "pred": classes[int(p.argmax())],
+             "confidence": float(p.max()), "loss": float(-np.log(max(float(p[t]), 1e-9)))}
+            for i, t, p in zip(outputs["index"], outputs["target"], proba)
+        ]
+    return report
+
+
+def load_items(images: Path, train_csv: Path | None):
+    if train_csv is not None:
+        items = list_competition_images(train_csv, images)
+        if items.skipped:
+            logger.warning(f"{train_csv}: skipped {sum(items.skipped.values())} row(s): "
+                           + ", ".join(f"{n} {r}" for r, n in sorted(items.skipped.items())))
+        return items
+    return list_image_folder(images)
+
+
+def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: Path | None = None,
+                      val: Path | None = None, resume: bool = False) -> ImageModel:
+    """`museum train-image`: list the data, fit, and write the run folder (rank 0 only)."""
+    items = load_items(images, train_csv)
+    val_items = list_image_folder(val) if val is not None else None
+    if resume:
+        saved = read_json(out / "config.json")
+        if saved != config_to_dict(config):
+            changed = sorted(k for k in saved if saved.get(k) != config_to_dict(config).get(k))
+            raise MuseumError(f"--resume: options differ from {out / 'config.json'} ({', '.join(changed)}); "
+                              "pass the same options or drop --resume")
+    elif (os.environ.get("RANK", "0") == "0"):
+        write_json(out / "config.json", config_to_dict(config))
+    model = ImageModel(config)
+    try:
+        model.fit(items.paths, items.labels, val_items.paths if val_items else None,
+                  val_items.labels if val_items else None, out=out, resume=resume)
+        if os.environ.get("RANK", "0") == "0":
+            model.report_["train_class_counts"] = dict(Counter(items.labels))
+            write_json(out / "metrics.json", model.report_)
+            val_metrics = model.report_.get("validation")
+            if val_metrics:
+                from museum.metrics import format_report
+
+                logger.info(format_report(val_metrics, f"validation (best epoch {model.epoch})"))
+            logger.info(f"model written to {out}")
+            write_report_safely(out)
+    finally:
+        cleanup_distributed()
+    return model

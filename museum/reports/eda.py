@@ -1,0 +1,301 @@
+"""`museum eda`: what a dataset looks like before anything is trained on it.
+
+Takes a competition CSV (`guid,description[,typology]`, with an optional folder of
+`{guid}.jpg`) or a folder-per-class image set. Reports class counts and imbalance,
+description lengths, duplicate descriptions and those with conflicting labels, image
+sizes with outliers, and unreadable files; writes `eda.html` (figures embedded),
+`eda.json` and a terminal summary. With `stats`, the same single pass over the images
+also sums per-channel moments for `channel_stats.json` (see `STATS_FORMAT`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from museum.data.competition import LABEL_COLUMN, is_safe_id, normalise_description, read_competition_csv
+from museum.errors import MuseumError
+from museum.log import logger
+from museum.reports import html, plots
+from museum.utils import write_json
+
+STATS_FORMAT = "museum-channel-stats/1"
+# Each image is squashed to this square before its pixels are counted, as the trainer does,
+# so that every image weighs the same whatever its resolution.
+STATS_SIZE = 64
+MAX_LISTED = 30  # rows of outliers, unreadable files and duplicates shown in the page
+
+
+@dataclass
+class ImageScan:
+    """One pass over image files: sizes, failures and (optionally) channel moments."""
+
+    paths: list[str] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    missing: int = 0
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    squares: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    pixels: int = 0
+
+
+@dataclass
+class EdaResult:
+    """Where the page and files went, the summary as plain types, and the terminal text."""
+
+    out_dir: Path
+    page: Path
+    stats_path: Path | None
+    summary: dict
+    text: str
+
+
+def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = False,
+            out: str | Path | None = None) -> EdaResult:
+    """Analyse a competition CSV (+ image folder) or a folder-per-class image set; write the page."""
+    path = Path(path)
+    if not path.exists():
+        raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
+    out_dir = Path(out) if out is not None else Path("reports") / f"eda-{path.stem or path.name}"
+    texts, image_paths, image_source = None, None, path
+    if path.is_dir():
+        if images is not None:
+            raise MuseumError(f"--images {images}: only for a CSV; {path} is already an image folder")
+        from museum.data.images import list_image_folder
+
+        items = list_image_folder(path)
+        labels, image_paths = items.labels, [str(p) for p in items.paths]
+    else:
+        table = read_competition_csv(path)
+        texts, labels = table.descriptions, _read_labels(path, len(table))
+        folder = Path(images) if images is not None else path.parent / "images"
+        if images is not None and not folder.is_dir():
+            raise MuseumError(f"--images {folder}: not a folder; give the folder holding {{guid}}.jpg files")
+        if folder.is_dir():
+            image_source = folder
+            image_paths = [str(folder / f"{g}.jpg") if is_safe_id(g) else "" for g in table.guids]
+    if stats and not image_paths:
+        raise MuseumError(f"--stats: {path} has no images; give --images DIR or a folder of class sub-folders")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"source": str(path), "rows": len(labels) if labels is not None else len(texts or [])}
+    sections = []
+    if labels is not None:
+        sections.append(_class_section(out_dir, labels, summary))
+    if texts is not None:
+        sections.append(_text_section(out_dir, texts, labels, summary))
+    stats_path = None
+    if image_paths:
+        scan = scan_images(image_paths, stats)
+        sections.append(_image_section(out_dir, scan, summary))
+        if stats:
+            stats_path = write_channel_stats(out_dir / "channel_stats.json", scan, str(image_source))
+            summary["channel_stats"] = str(stats_path)
+    write_json(out_dir / "eda.json", summary)
+    page = html.write_page(out_dir / "eda.html", html.page(f"Dataset analysis: {path.name}", str(path.resolve()), sections))
+    return EdaResult(out_dir, page, stats_path, summary, format_summary(summary, page))
+
+
+# ----------------------------------------------------------------------------- labels and text
+
+
+def _read_labels(path: Path, n_rows: int) -> list[str] | None:
+    """The typology column (blank for unlabelled rows), or None when the file has no such column.
+
+    `read_competition_csv` has validated the file already; this pass only picks the column.
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+        if LABEL_COLUMN not in reader.fieldnames:
+            return None
+        labels = [(row.get(LABEL_COLUMN) or "").strip() for row in reader]
+    if len(labels) != n_rows:
+        raise MuseumError(f"{path}: rows changed while being read; run eda again")
+    if not any(labels):
+        return None  # an unlabelled test file with an empty typology column
+    return labels
+
+
+def _class_section(out_dir: Path, labels: list[str], summary: dict) -> str:
+    counts = Counter(label for label in labels if label)
+    ratio = plots.imbalance_ratio(counts)
+    summary.update(classes=dict(counts.most_common()), imbalance_ratio=round(ratio, 2),
+                   unlabelled_rows=sum(1 for label in labels if not label))
+    figure = plots.class_distribution(dict(counts), out_dir / "class_distribution.png")
+    notes = [html.note(f"{summary['unlabelled_rows']} rows have no label.")] if summary["unlabelled_rows"] else []
+    return html.section("Classes", html.cards({"rows": len(labels), "classes": len(counts), "imbalance (max/min)": ratio}),
+                        *notes, html.png(figure, "class distribution"))
+
+
+def duplicate_groups(texts: list[str], labels: list[str] | None) -> list[dict]:
+    """Descriptions appearing more than once (case and spacing ignored), with their label counts."""
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        key = normalise_description(text)
+        if key:
+            rows_of[key].append(i)
+    groups = []
+    for rows in rows_of.values():
+        if len(rows) > 1:
+            label_counts = Counter(labels[i] for i in rows if labels[i]) if labels else Counter()
+            groups.append({"description": texts[rows[0]], "rows": len(rows), "labels": dict(label_counts.most_common()),
+                           "conflicting": len(label_counts) > 1})
+    return sorted(groups, key=lambda g: (not g["conflicting"], -g["rows"], g["description"]))
+
+
+def _text_section(out_dir: Path, texts: list[str], labels: list[str] | None, summary: dict) -> str:
+    lengths = [len(t) for t in texts]
+    nonempty = [n for n in lengths if n]
+    groups = duplicate_groups(texts, labels)
+    conflicting = [g for g in groups if g["conflicting"]]
+    summary["descriptions"] = {
+        "empty": len(lengths) - len(nonempty),
+        "median_chars": float(np.median(nonempty)) if nonempty else 0.0,
+        "max_chars": max(nonempty, default=0),
+        "duplicate_groups": len(groups), "duplicate_rows": sum(g["rows"] for g in groups),
+        "conflicting_groups": len(conflicting), "conflicting_rows": sum(g["rows"] for g in conflicting),
+        "conflicting": conflicting[:MAX_LISTED],
+    }
+    d = summary["descriptions"]
+    figure = plots.histogram(nonempty, out_dir / "text_lengths.png",
+                             f"Description length ({len(nonempty):,} non-empty, {d['empty']:,} empty)", "characters")
+    parts = [html.cards({"empty descriptions": d["empty"], "median length": d["median_chars"],
+                         "duplicated texts": d["duplicate_groups"], "with conflicting labels": d["conflicting_groups"]}),
+             html.png(figure, "description lengths")]
+    if groups:
+        shown = groups[:MAX_LISTED]
+        parts.append("<h3>Duplicate descriptions (conflicting labels first)</h3>")
+        parts.append(html.table(("description", "rows", "labels"),
+                                [(g["description"], g["rows"], ", ".join(f"{k} ×{v}" for k, v in g["labels"].items()))
+                                 for g in shown], bad_rows=[g["conflicting"] for g in shown]))
+    return html.section("Descriptions", *parts)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def scan_images(paths: list[str], stats: bool = False) -> ImageScan:
+    """Read every image once: its size from the header, a full decode to prove it is usable,
+    and with `stats` the per-channel sums of its STATS_SIZE² squashed pixels (memory stays bounded)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from museum.data.images import ImageDecodeError, decode_bytes, read_bytes
+
+    scan = ImageScan()
+    for path in tqdm(paths, unit="img", desc="eda images", disable=None, leave=False):
+        if not path:
+            scan.failures.append(("(unsafe guid)", "unsafe file name"))
+            continue
+        try:
+            data = read_bytes(path)
+            img = decode_bytes(data, path, draft=STATS_SIZE)
+        except ImageDecodeError as exc:
+            if exc.reason == "missing":
+                scan.missing += 1
+            else:
+                scan.failures.append((path, exc.reason))
+            continue
+        with Image.open(io.BytesIO(data)) as header:  # the stored size; `draft` shrank `img`
+            width, height = header.size
+        scan.paths.append(path)
+        scan.widths.append(width)
+        scan.heights.append(height)
+        if stats:
+            x = np.asarray(img.resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR), dtype=np.float64) / 255.0
+            scan.sums += x.sum(axis=(0, 1))
+            scan.squares += np.square(x).sum(axis=(0, 1))
+            scan.pixels += STATS_SIZE * STATS_SIZE
+    return scan
+
+
+def size_outliers(widths: list[int], heights: list[int], factor: float = 4.0) -> np.ndarray:
+    """Mask of images whose sides are `factor` times smaller or larger than the median's,
+    that are very elongated (aspect above `factor`), or tiny (a side under 16 px).
+
+    A fold change rather than a z-score: a whole class of smaller photos (coins scanned at
+    120 px among 384 px paintings) is a property of the data, not a list of outliers.
+    """
+    w, h = np.asarray(widths, dtype=np.float64), np.asarray(heights, dtype=np.float64)
+    if not len(w):
+        return np.zeros(0, dtype=bool)
+    short, long = np.minimum(w, h), np.maximum(w, h)
+    return ((short < np.median(short) / factor) | (long > np.median(long) * factor)
+            | (long / short > factor) | (short < 16))
+
+
+def _image_section(out_dir: Path, scan: ImageScan, summary: dict) -> str:
+    outlier = size_outliers(scan.widths, scan.heights)
+    reasons = Counter(reason for _, reason in scan.failures)
+    summary["images"] = {
+        "readable": len(scan.paths), "missing": scan.missing, "unreadable": dict(reasons),
+        "median_width": float(np.median(scan.widths)) if scan.widths else 0.0,
+        "median_height": float(np.median(scan.heights)) if scan.heights else 0.0,
+        "outlier_count": int(outlier.sum()),
+        "outliers": [{"path": p, "width": w, "height": h} for p, w, h, o in
+                     zip(scan.paths, scan.widths, scan.heights, outlier) if o][:MAX_LISTED],
+        "unreadable_files": [{"path": p, "reason": r} for p, r in scan.failures][:MAX_LISTED],
+    }
+    s = summary["images"]
+    parts = [html.cards({"readable": s["readable"], "missing": s["missing"], "unreadable": len(scan.failures),
+                         "size outliers": int(outlier.sum())})]
+    if scan.widths:
+        figure = plots.size_scatter(scan.widths, scan.heights, outlier, out_dir / "image_sizes.png")
+        parts.append(html.png(figure, "image sizes"))
+    if s["outliers"]:
+        parts += ["<h3>Size outliers</h3>", html.table(("file", "width", "height"),
+                                                      [(o["path"], o["width"], o["height"]) for o in s["outliers"]])]
+    if scan.failures:
+        parts += ["<h3>Unreadable files</h3>", html.table(("file", "reason"), scan.failures[:MAX_LISTED],
+                                                         bad_rows=[True] * len(scan.failures))]
+    return html.section("Images", *parts)
+
+
+def write_channel_stats(path: Path, scan: ImageScan, source: str) -> Path:
+    """Save the per-channel mean and std (RGB, 0..1 scale like ImageNet's) as JSON."""
+    if not scan.pixels:
+        raise MuseumError(f"--stats: no readable image in {source}; nothing to measure")
+    mean = scan.sums / scan.pixels
+    std = np.sqrt(np.maximum(scan.squares / scan.pixels - np.square(mean), 0.0))
+    write_json(path, {"format": STATS_FORMAT, "mean": [round(float(v), 6) for v in mean],
+                      "std": [round(float(v), 6) for v in std], "scale": "RGB 0..1", "images": len(scan.paths),
+                      "resized_to": STATS_SIZE, "source": source})
+    logger.info(f"channel mean {np.round(mean, 4).tolist()}, std {np.round(std, 4).tolist()} → {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- terminal
+
+
+def format_summary(summary: dict, page: Path) -> str:
+    """A few lines for the terminal."""
+    lines = [f"{summary['source']}: {summary['rows']:,} rows"]
+    classes = summary.get("classes")
+    if classes:
+        names = list(classes)
+        lines.append(f"classes: {len(classes)}, imbalance {summary['imbalance_ratio']}× "
+                     f"(largest {names[0]} {classes[names[0]]:,}, smallest {names[-1]} {classes[names[-1]]:,})"
+                     + (f", {summary['unlabelled_rows']:,} unlabelled rows" if summary.get("unlabelled_rows") else ""))
+    d = summary.get("descriptions")
+    if d:
+        lines.append(f"descriptions: {d['empty']:,} empty, median {d['median_chars']:.0f} characters, "
+                     f"{d['duplicate_groups']:,} duplicated ({d['duplicate_rows']:,} rows), "
+                     f"{d['conflicting_groups']:,} with conflicting labels ({d['conflicting_rows']:,} rows)")
+    s = summary.get("images")
+    if s:
+        bad = ", ".join(f"{n} {r}" for r, n in sorted(s["unreadable"].items())) or "none"
+        lines.append(f"images: {s['readable']:,} readable (median {s['median_width']:.0f}×{s['median_height']:.0f} px), "
+                     f"{s['missing']:,} missing, unreadable: {bad}, {s['outlier_count']:,} size outlier(s)")
+        for f in s["unreadable_files"][:10]:
+            lines.append(f"  unreadable: {f['path']} ({f['reason']})")
+    if summary.get("channel_stats"):
+        lines.append(f"channel stats: {summary['channel_stats']}")
+    lines.append(f"report: {page}")
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""`museum submit`: stream a test CSV through the cascade into a `guid,typology` submission.
+
+Memory stays bounded by `chunk_size` rows (plus the set of guids seen, for the duplicate
+check). The submission and the optional probabilities file are written through temporary
+files and renamed only when the whole run succeeds, so a failing run leaves an earlier
+submission intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from museum.config import FusionConfig
+from museum.data.competition import iter_competition_chunks
+from museum.errors import MuseumError
+from museum.experts import Experts, availability_counts, load_experts, log_experts, score_chunk
+from museum.fusion import ROUTES, Cascade, load_settings, merge_config, settings_path
+from museum.log import logger
+from museum.utils import atomic_path, read_json
+
+DEFAULT_OUT = Path("submissions/submission.csv")
+
+
+@dataclass
+class RunSetup:
+    """Everything a run over a CSV needs: the experts, the resolved settings and the image folder."""
+
+    experts: Experts
+    config: FusionConfig
+    cascade: Cascade
+    images: Path | None
+    settings_file: Path | None
+    fallback_source: str
+
+
+def resolve_images(csv_path: Path, images: Path | None) -> Path | None:
+    """The image folder: as given, else `images/` beside the CSV (the competition layout), else none."""
+    if images is not None:
+        if not images.is_dir():
+            raise MuseumError(f"--images {images}: not a folder; give the folder holding {{guid}}.jpg files")
+        return images
+    beside = csv_path.parent / "images"
+    return beside if beside.is_dir() else None
+
+
+def training_class_counts(experts: Experts) -> tuple[Counter, str]:
+    """Class counts that stand in for the training distribution, and where they came from.
+
+    Both trainers write `metrics.json` with a per-class validation report; their validation
+    split is stratified, so its supports are proportional to the training counts. The text
+    expert comes first: it is trained on the competition's own class distribution.
+    """
+    for kind, folder in (("text", experts.text_dir), ("image", experts.image_dir)):
+        path = folder / "metrics.json" if folder is not None else None
+        if path is None or not path.exists():
+            continue
+        try:
+            data = read_json(path)
+            # train-text writes the report at the top level, train-image under "validation".
+            per_class = data.get("per_class") or (data.get("validation") or {}).get("per_class") or {}
+            counts = Counter({str(c): int(m["support"]) for c, m in per_class.items()})
+        except (AttributeError, KeyError, TypeError, ValueError, MuseumError):
+            logger.warning(f"{path}: no per-class supports in it; cannot derive the fallback class from it")
+            continue
+        if counts:
+            return counts, f"{kind} model's stratified validation split ({path})"
+    return Counter(), ""
+
+
+def resolve_fallback(config: FusionConfig, experts: Experts) -> tuple[str, str]:
+    """(fallback class, where it came from): explicit/saved setting, else the most frequent training class."""
+    if config.fallback:
+        return config.fallback, "settings"
+    counts, source = training_class_counts(experts)
+    if counts:
+        # Most frequent; ties go to the first name in sorted order, so the choice is reproducible.
+        best = max(sorted(counts), key=lambda c: counts[c])
+        return best, f"most frequent class in the {source}"
+    raise MuseumError(
+        "no fallback class: the models do not record their training class counts; pass --fallback CLASS"
+    )
+
+
+def prepare(
+    csv_path: Path,
+    images: Path | None,
+    text_model: Path | None,
+    image_model: Path | None,
+    overrides: dict,
+    settings_file: Path | None = None,
+    use_saved: bool = True,
+) -> RunSetup:
+    """Load the experts, the saved `fusion.json` (if any, and if `use_saved`) and apply explicit overrides."""
+    images = resolve_images(csv_path, images)
+    experts = load_experts(text_model, image_model, device=overrides.get("device") or "auto")
+    log_experts(experts)
+    settings_file = settings_file or settings_path(text_model, image_model)
+    base = FusionConfig()
+    if use_saved and settings_file.exists():
+        base, saved = load_settings(settings_file)
+        logger.info(f"settings: {settings_file} (from museum tune)")
+        _warn_if_other_models(saved, experts)
+    else:
+        settings_file = None
+    config = merge_config(base, overrides)
+    fallback, source = resolve_fallback(config, experts)
+    config = merge_config(config, {"fallback": fallback})
+    cascade = Cascade.from_config(experts.classes, config)
+    logger.info(
+        f"routing: text > {config.text_threshold}, image > {config.image_threshold}, "
+        f"blend weight {config.blend_weight}, fallback {fallback!r} ({source})"
+    )
+    logger.info(f"images: {images if images is not None else 'none'}")
+    return RunSetup(experts, config, cascade, images, settings_file, source)
+
+
+def _warn_if_other_models(saved: dict, experts: Experts) -> None:
+    for kind, folder in (("text", experts.text_dir), ("image", experts.image_dir)):
+        was = saved.get(f"{kind}_model")
+        now = str(folder.resolve()) if folder is not None else None
+        if was != now:
+            logger.warning(f"settings were tuned with {kind} model {was}, this run uses {now}; re-run museum tune")
+
+
+@dataclass
+class SubmitSummary:
+    """Counts and timing of one `submit` run, printed as the closing table."""
+
+    out: Path
+    proba_out: Path | None
+    rows: int = 0
+    routes: Counter = field(default_factory=Counter)
+    availability: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    fallback: str = ""
+
+    def format(self) -> str:
+        lines = [f"{'rows':<24}{self.rows:>8}"]
+        for route in ROUTES:
+            note = f"  ({self.fallback})" if route == "fallback" and self.routes[route] else ""
+            lines.append(f"{'route ' + route:<24}{self.routes[route]:>8}{note}")
+        for key in sorted(self.availability):
+            lines.append(f"{key:<24}{self.availability[key]:>8}")
+        lines.append(f"{'seconds':<24}{self.seconds:>8.1f}")
+        lines.append(f"{'submission':<24}{self.out}")
+        if self.proba_out is not None:
+            lines.append(f"{'probabilities':<24}{self.proba_out}")
+        return "\n".join(lines)
+
+
+def submit(
+    test_csv: Path,
+    out: Path = DEFAULT_OUT,
+    images: Path | None = None,
+    text_model: Path | None = None,
+    image_model: Path | None = None,
+    proba_out: Path | None = None,
+    overrides: dict | None = None,
+    settings_file: Path | None = None,
+    setup: RunSetup | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SubmitSummary:
+    """Write `guid,typology` for every row of `test_csv`, in its order, through the cascade.
+
+    `setup` reuses experts that are already loaded (the web server's); `progress` is called
+    with the number of rows written so far after each chunk.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    test_csv, out = Path(test_csv), Path(out)
+    if proba_out is not None and Path(proba_out).resolve() == out.resolve():
+        raise MuseumError(f"--proba {proba_out}: same file as --out; give another path")
+    setup = setup or prepare(test_csv, images, text_model, image_model, overrides or {}, settings_file)
+    config, cascade = setup.config, setup.cascade
+    summary = SubmitSummary(out=out, proba_out=proba_out, fallback=cascade.fallback)
+    with ExitStack() as stack:
+        tmp_out = stack.enter_context(atomic_path(out))
+        f_out = stack.enter_context(open(tmp_out, "w", encoding="utf-8", newline=""))
+        # csv's default dialect ends lines with \r\n and quotes only when needed: byte for
+        # byte the format of the competition's sample_submission.csv.
+        writer = csv.writer(f_out)
+        writer.writerow(["guid", "typology"])
+        proba_writer = None
+        if proba_out is not None:
+            tmp_proba = stack.enter_context(atomic_path(proba_out))
+            f_proba = stack.enter_context(open(tmp_proba, "w", encoding="utf-8", newline=""))
+            proba_writer = csv.writer(f_proba)
+            proba_writer.writerow(["guid", "route", "typology", *cascade.classes])
+        bar = stack.enter_context(tqdm(unit=" rows", desc="submit", disable=None, dynamic_ncols=True))
+        for chunk in iter_competition_chunks(test_csv, chunk_size=config.chunk_size):
+            scores = score_chunk(setup.experts, chunk, setup.images, config.batch_size, config.workers)
+            result = cascade.combine(scores.text_p, scores.image_p, scores.has_text, scores.has_image)
+            labels = result.labels(cascade.classes)
+            writer.writerows(zip(chunk.guids, labels))
+            if proba_writer is not None:
+                for guid, route, label, row in zip(chunk.guids, result.routes, labels, result.proba):
+                    proba_writer.writerow([guid, ROUTES[route], label, *(f"{p:.6f}" for p in row)])
+            summary.rows += len(chunk)
+            summary.routes.update(ROUTES[r] for r in result.routes)
+            summary.availability.update(availability_counts(scores))
+            bar.update(len(chunk))
+            if progress is not None:
+                progress(summary.rows)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def check_submission(path: Path, sample: Path, classes: list[str] | None = None) -> list[str]:
+    """Problems of a submission against the sample: header, guids and their order, class names."""
+    def rows(p: Path) -> list[list[str]]:
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            return list(csv.reader(f))
+
+    ours, theirs = rows(path), rows(sample)
+    problems = []
+    if not ours or ours[0] != theirs[0]:
+        problems.append(f"header {ours[0] if ours else None} != {theirs[0]}")
+    if [r[0] for r in ours[1:]] != [r[0] for r in theirs[1:]]:
+        problems.append("guids differ from the sample's (or their order does)")
+    if any(len(r) != 2 for r in ours):
+        problems.append("some rows do not have exactly two fields")
+    if classes is not None:
+        unknown = sorted({r[1] for r in ours[1:] if len(r) == 2} - set(classes))
+        if unknown:
+            problems.append(f"unknown class names: {unknown}")
+    return problems
+
+
+def predicted_counts(path: Path) -> Counter:
+    """How often each class was predicted in a submission file."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return Counter(row["typology"] for row in csv.DictReader(f))
+

@@ -1,0 +1,197 @@
+"""TextModel: the text expert behind `train-text`, `predict-text`, `submit` and `evaluate`.
+
+A BiLSTM over Word2Vec vectors and a TF-IDF linear expert, blended:
+``proba = w · softmax(lstm) + (1 − w) · tfidf``, with w chosen on validation macro-F1.
+Columns of every probability matrix follow `classes_`.
+
+The model folder holds plain, safely loadable files only:
+``text_model.pt`` (tensors + plain types, `torch.load(weights_only=True)`), ``vocab.json``,
+``word_vectors.npy``, ``tfidf.json`` + ``tfidf.npz`` (no pickles), ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from museum import __version__
+from museum.config import TextConfig, config_from_dict, config_to_dict
+from museum.errors import MuseumError
+from museum.log import logger
+from museum.metrics import macro_f1
+from museum.text.lstm import BiLSTMClassifier, encode, predict_logits, train_lstm
+from museum.calibration import fit_temperature, softmax
+from museum.text.tfidf import TfidfExpert
+from museum.text.tokenize import Tokenizer
+from museum.text.vectors import train_word_vectors
+from museum.utils import atomic_path, resolve_device, seed_everything, write_json
+
+FORMAT = "museum.text/1"
+BLEND_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
+
+
+class TextModel:
+    """Word2Vec + BiLSTM blended with TF-IDF; `fit` returns self, `classes_` fixes column order."""
+
+    def __init__(self, config: TextConfig | None = None) -> None:
+        self.config = config or TextConfig()
+        self.device = "cpu"
+
+    # ------------------------------------------------------------------------------ fit
+    def fit(
+        self,
+        texts: list[str],
+        labels: list[str],
+        val_texts: list[str],
+        val_labels: list[str],
+        unlabeled_texts: list[str] = (),
+        progress: bool = True,
+    ) -> "TextModel":
+        cfg = self.config
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.classes_ = sorted(set(labels))
+        index_of = {c: i for i, c in enumerate(self.classes_)}
+        unseen = sorted(set(val_labels) - set(index_of))
+        if unseen:
+            raise MuseumError(f"validation labels not in training: {', '.join(unseen)}")
+        tokenizer = Tokenizer(cfg.lemmatize)
+        train_tokens = [tokenizer(t) for t in texts]
+        val_tokens = [tokenizer(t) for t in val_texts]
+        extra_tokens = [tokenizer(t) for t in unlabeled_texts if t.strip()]
+        self.stats_: dict = {}
+
+        start = time.perf_counter()
+        self.vocab_, vectors, self.stats_["word2vec"] = train_word_vectors(
+            train_tokens + val_tokens + extra_tokens, dim=cfg.w2v_dim, epochs=cfg.w2v_epochs,
+            min_count=cfg.w2v_min_count, seed=cfg.seed, use_navec=cfg.navec, mean_norm=cfg.embedding_norm,
+        )
+        self.stats_["word2vec"]["seconds"] = time.perf_counter() - start
+        self._index = {w: i for i, w in enumerate(self.vocab_)}
+
+        y_train = np.array([index_of[c] for c in labels])
+        y_val = np.array([index_of[c] for c in val_labels])
+        train_enc = (*encode(train_tokens, self._index, cfg.max_len), y_train)
+        val_enc = (*encode(val_tokens, self._index, cfg.max_len), y_val)
+        self.lstm_ = BiLSTMClassifier(vectors, len(self.classes_), cfg.hidden, cfg.dropout).to(self.device)
+        result = train_lstm(
+            self.lstm_, train_enc, val_enc, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
+            lr=cfg.lr, weight_decay=cfg.weight_decay, freeze_embeddings_epochs=cfg.freeze_embeddings_epochs,
+            device=self.device, seed=cfg.seed, progress=progress,
+        )
+        self.history_ = result.history
+        self.best_epoch_ = result.best_epoch
+        self.lstm_.cpu()
+        self.device = "cpu"
+        # The BiLSTM ends over-confident; scale its logits so that blending it with the
+        # calibrated TF-IDF expert weighs evidence, not overconfidence.
+        self.lstm_temperature_ = fit_temperature(predict_logits(self.lstm_, *val_enc[:2], "cpu"), y_val)
+
+        self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(texts, labels) if cfg.tfidf else None
+        self.blend_weight_ = 1.0
+        if self.tfidf_ is not None:
+            self.blend_weight_ = cfg.blend_weight if cfg.blend_weight is not None else self._choose_blend(val_texts, y_val)
+            if cfg.tfidf_refit:
+                # The blend weight is chosen; the linear expert (seconds to fit, no early stopping)
+                # now also learns from the validation rows.
+                self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(list(texts) + list(val_texts), list(labels) + list(val_labels))
+        return self
+
+    def _choose_blend(self, val_texts: list[str], y_val: np.ndarray) -> float:
+        """LSTM weight maximising validation macro-F1; ties go to the weight nearest 0.5."""
+        lstm_p, tfidf_p = self._expert_probas(val_texts)
+        scores = [(macro_f1(y_val.tolist(), (w * lstm_p + (1 - w) * tfidf_p).argmax(1).tolist()), -abs(w - 0.5), w)
+                  for w in BLEND_GRID]
+        self.blend_scores_ = {f"{w:.2f}": s for s, _, w in scores}
+        return float(max(scores)[2])
+
+    # -------------------------------------------------------------------------- predict
+    def _expert_probas(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        tokenizer = Tokenizer(self.config.lemmatize)
+        ids, lengths = encode([tokenizer(t) for t in texts], self._index, self.config.max_len)
+        lstm_p = softmax(predict_logits(self.lstm_, ids, lengths, self.device) * self.lstm_temperature_)
+        tfidf_p = self.tfidf_.predict_proba(texts) if self.tfidf_ is not None else None
+        return lstm_p, tfidf_p
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """(n, len(classes_)) probabilities; rows sum to 1."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
+        lstm_p, tfidf_p = self._expert_probas(texts)
+        if tfidf_p is None:
+            return lstm_p
+        w = self.blend_weight_
+        return (w * lstm_p + (1 - w) * tfidf_p).astype(np.float32)
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.classes_[i] for i in self.predict_proba(texts).argmax(1)]
+
+    # ------------------------------------------------------------------------ save/load
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint = {
+            "format": FORMAT,
+            "version": __version__,
+            "classes": list(self.classes_),
+            "config": config_to_dict(self.config),
+            "blend_weight": float(self.blend_weight_),
+            "lstm_temperature": float(self.lstm_temperature_),
+            "best_epoch": int(self.best_epoch_),
+            "embedding_shape": list(self.lstm_.embedding.weight.shape),
+            "state_dict": {k: v.detach().cpu() for k, v in self.lstm_.state_dict().items()},
+        }
+        with atomic_path(folder / "text_model.pt") as tmp:
+            torch.save(checkpoint, tmp)
+        write_json(folder / "vocab.json", self.vocab_)
+        with atomic_path(folder / "word_vectors.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, self.lstm_.embedding.weight.detach().cpu().numpy())
+        if self.tfidf_ is not None:
+            meta, arrays = self.tfidf_.to_state()
+            write_json(folder / "tfidf.json", meta)
+            with atomic_path(folder / "tfidf.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+        write_json(folder / "config.json", config_to_dict(self.config))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu") -> "TextModel":
+        folder = Path(folder)
+        path = folder / "text_model.pt"
+        if not path.exists():
+            raise MuseumError(f"{folder}: not a text model folder (no text_model.pt); train one with `museum train-text`")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            if checkpoint.get("format") != FORMAT:
+                raise ValueError(f"unknown format {checkpoint.get('format')!r}")
+            model = cls(config_from_dict(TextConfig, checkpoint["config"]))
+            model.classes_ = list(checkpoint["classes"])
+            model.blend_weight_ = float(checkpoint["blend_weight"])
+            model.lstm_temperature_ = float(checkpoint["lstm_temperature"])
+            model.best_epoch_ = int(checkpoint["best_epoch"])
+            model.vocab_ = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            model._index = {w: i for i, w in enumerate(model.vocab_)}
+            rows, dim = checkpoint["embedding_shape"]
+            model.lstm_ = BiLSTMClassifier(np.zeros((rows, dim), np.float32), len(model.classes_),
+                                           model.config.hidden, model.config.dropout)
+            model.lstm_.load_state_dict(checkpoint["state_dict"])
+            model.lstm_.eval()
+            model.tfidf_ = None
+            if (folder / "tfidf.json").exists():
+                meta = json.loads((folder / "tfidf.json").read_text(encoding="utf-8"))
+                with np.load(folder / "tfidf.npz", allow_pickle=False) as arrays:
+                    model.tfidf_ = TfidfExpert.from_state(meta, dict(arrays))
+        except MuseumError:
+            raise
+        except Exception as exc:  # corrupted or foreign files: one line, not a traceback
+            raise MuseumError(f"{folder}: cannot load the text model ({type(exc).__name__}: {exc}); retrain it") from None
+        model.device = resolve_device(device)
+        model.lstm_.to(model.device)
+        return model

@@ -1,0 +1,88 @@
+"""`museum train-text`: read, split, fit the TextModel, write the model folder and its metrics."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from museum.config import TextConfig, config_to_dict
+from museum.data.competition import read_competition_csv, stratified_split
+from museum.log import logger
+from museum.metrics import classification_metrics, format_report
+from museum.reports import write_report_safely
+from museum.text.model import TextModel
+from museum.utils import atomic_path, write_json
+
+
+def train_text_model(
+    train_path: str | Path, out: str | Path, config: TextConfig, unlabeled: list[Path] = (), progress: bool = True
+) -> tuple[TextModel, dict]:
+    """Train on a labelled CSV with a seeded stratified validation split; write `out/`.
+
+    Returns the fitted model and the metrics dict also written to `out/metrics.json`.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    table = read_competition_csv(train_path, require_labels=True)
+    extra = [t for path in unlabeled for t in read_competition_csv(path).descriptions]
+    train_idx, val_idx = stratified_split(table.labels, config.val_fraction, config.seed)
+    train, val = table.subset(train_idx), table.subset(val_idx)
+    logger.info(
+        f"train-text: {len(train)} training / {len(val)} validation rows, {len(set(table.labels))} classes, "
+        f"{sum(1 for t in extra if t)} unlabelled descriptions for Word2Vec"
+    )
+    model = TextModel(config).fit(train.descriptions, train.labels, val.descriptions, val.labels, extra, progress)
+
+    lstm_p, tfidf_p = model._expert_probas(val.descriptions)
+    proba = model.predict_proba(val.descriptions)
+    classes = model.classes_
+    predicted = [classes[i] for i in proba.argmax(1)]
+    metrics = classification_metrics(val.labels, predicted, sorted(set(val.labels)))
+    metrics["experts"] = {"lstm": classification_metrics(val.labels, [classes[i] for i in lstm_p.argmax(1)])["macro_f1"]}
+    if tfidf_p is not None:
+        metrics["experts"]["tfidf"] = classification_metrics(val.labels, [classes[i] for i in tfidf_p.argmax(1)])["macro_f1"]
+    y = np.array([classes.index(c) for c in val.labels])
+    losses = -np.log(np.clip(proba[np.arange(len(y)), y], 1e-9, None))
+    metrics.update(
+        kind="text",
+        classes=classes,
+        blend_weight=model.blend_weight_,
+        best_epoch=model.best_epoch_,
+        history=model.history_,
+        word2vec=model.stats_["word2vec"],
+        config=config_to_dict(config),
+        train_rows=len(train),
+        train_class_counts=dict(Counter(table.labels)),
+        val_rows=len(val),
+        seconds=time.perf_counter() - start,
+        val_predictions=[
+            {"guid": g, "text": t, "true": c, "pred": p, "confidence": float(proba[i].max()), "loss": float(losses[i])}
+            for i, (g, t, c, p) in enumerate(zip(val.guids, val.descriptions, val.labels, predicted))
+        ],
+    )
+    model.save(out)
+    write_json(out / "metrics.json", metrics)
+    _write_summary(out / "summary.csv", model.history_)
+    write_report_safely(out)
+    logger.info(format_report(metrics, "validation report (blended text model)"))
+    logger.info(
+        f"train-text done: val macro-F1 {metrics['macro_f1']:.4f} (LSTM {metrics['experts']['lstm']:.4f}"
+        + (f", TF-IDF {metrics['experts']['tfidf']:.4f}, LSTM weight {model.blend_weight_:.2f}" if tfidf_p is not None else "")
+        + f"), accuracy {metrics['accuracy']:.4f}, best epoch {model.best_epoch_}, {metrics['seconds']:.1f} s → {out}"
+    )
+    return model, metrics
+
+
+def _write_summary(path: Path, history: list[dict]) -> None:
+    """One CSV row per epoch (timm's summary.csv)."""
+    if not history:
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)

