@@ -267,9 +267,14 @@ def train_image(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     val_fraction: float = typer.Option(0.2, help="Stratified validation share when --val is not given."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
+    head: str = typer.Option("finetune", help="finetune, or a scikit-learn head on frozen embeddings: logreg, svm, mlp, knn."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="With --head: .npz from `museum embed` to reuse (written if absent or stale)."),
+    positive: Optional[str] = typer.Option(None, "--positive", help="One-vs-rest: this class against all others (two-class sets: default the smaller class)."),
+    target_precision: Optional[float] = typer.Option(None, help="Binary tasks: threshold = lowest reaching this validation precision (default: max F1)."),
 ) -> None:
-    """Fine-tune an ImageNet CNN on a folder-per-class image set or the competition's photos."""
+    """Fine-tune an ImageNet CNN (or fit a head on its embeddings) on a folder-per-class set or the competition's photos."""
     from museum.config import ImageConfig
+    from museum.image.heads import HEADS
     from museum.image.train import BALANCE, train_image_model
 
     if epochs < 1:
@@ -291,15 +296,55 @@ def train_image(
         raise MuseumError(f"--lr {lr}: must be positive")
     if not 0.0 <= trainable <= 1.0:
         raise MuseumError(f"--trainable {trainable}: must be between 0 and 1")
+    if head not in HEADS:
+        raise MuseumError(f"--head {head}: expected one of {', '.join(HEADS)}")
+    if head != "finetune" and resume:
+        raise MuseumError(f"--resume: a {head} head trains in one go; drop --resume")
+    if embeddings is not None and head == "finetune":
+        raise MuseumError("--embeddings: only used with --head logreg|svm|mlp|knn")
+    if target_precision is not None and not 0.0 < target_precision <= 1.0:
+        raise MuseumError(f"--target-precision {target_precision}: must be in (0, 1]")
     config = ImageConfig(
         seed=seed, val_fraction=val_fraction, device=device, backbone=backbone, weights=weights,
         input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
         label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
         color_jitter=color_jitter, amp=amp, workers=workers, threads=threads,
-        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_dir=str(cache_dir) if cache_dir else None, head=head,
+        embeddings=str(embeddings) if embeddings else None, positive=positive, target_precision=target_precision,
     )
     train_image_model(config, images, out, train_csv=train, val=val, resume=resume)
+
+
+@app.command("embed")
+@friendly_errors
+def embed_cmd(
+    images: Path = typer.Argument(..., help="DIR/<class>/*.jpg, or the competition CSV (then --images is the folder of {guid}.jpg)."),
+    image_dir: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (default: images/ beside it)."),
+    out: Path = typer.Option(Path("embeddings.npz"), "--out", help="Embeddings file to write (reused as is when up to date)."),
+    backbone: str = typer.Option("mobilenet_v2", help="torchvision model name."),
+    weights: str = typer.Option("imagenet", help="imagenet or a .pth state dict file."),
+    input_size: int = typer.Option(0, help="Square input size; 0 = as train-image picks (64 for thumbnails, else 160)."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each image's features with its mirror's (as train-image --head)."),
+    workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Write pooled backbone features of an image set (features, labels, paths, settings) to one .npz."""
+    from museum.image.embed import embed_folder
+
+    if input_size != 0 and not 16 <= input_size <= 1024:
+        raise MuseumError(f"--input-size {input_size}: must be 0 (auto) or between 16 and 1024")
+    if out.suffix != ".npz":
+        raise MuseumError(f"--out {out}: must end in .npz")
+    if images.is_file():  # a CSV: images beside it unless --images says otherwise
+        train_csv, folder = images, image_dir or images.parent / "images"
+    else:
+        train_csv, folder = None, images
+    emb = embed_folder(folder, out, train_csv, backbone, weights, input_size, device, workers,
+                       str(cache_dir) if cache_dir else None, tta=tta)
+    typer.echo(f"{out}: {emb.features.shape[0]} images x {emb.features.shape[1]} features "
+               f"({emb.meta['backbone']}, {emb.meta['input_size']} px, {len(set(emb.labels))} classes)")
 
 
 @app.command("predict-image")
@@ -318,9 +363,15 @@ def predict_image(
         raise MuseumError(f"--top {top}: must be at least 1")
     image_model = ImageModel.load(model, device=device)
     proba, ok = image_model.predict_paths(paths, num_workers=0 if len(paths) < 64 else 2)
+    decision = image_model.decision
+    if decision:
+        from museum.image.binary import unshift_score
+
+        typer.echo(f"{decision['positive']} when its score > {decision['threshold']:.4f} "
+                   "(probabilities below are shifted so that 0.5 is that threshold)")
     best = top_k(proba[ok], image_model.classes_, top) if ok.any() else []
     rows = iter(best)
-    for path, good in zip(paths, ok):
+    for i, (path, good) in enumerate(zip(paths, ok)):
         typer.echo(str(path))
         if not good:
             from museum.data.images import ImageDecodeError, safe_open_image
@@ -334,6 +385,10 @@ def predict_image(
             continue
         for label, p in next(rows):
             typer.echo(f"  {p:6.3f}  {label}")
+        if decision:
+            pos = image_model.classes_.index(decision["positive"])
+            score = float(unshift_score(proba[i, pos], decision["threshold"]))
+            typer.echo(f"  score {score:.4f} -> {image_model.classes_[pos if score > decision['threshold'] else 1 - pos]}")
 
 
 # ----------------------------------------------------------------------------- serve
@@ -403,3 +458,55 @@ def eda_cmd(
     if out is not None and out.exists() and not out.is_dir():
         raise MuseumError(f"--out {out}: is a file; give a folder")
     typer.echo(run_eda(path, images, stats, out).text)
+
+
+# ----------------------------------------------------------------------------- data cleaning
+
+
+@app.command("clean")
+@friendly_errors
+def clean_cmd(
+    train: Optional[Path] = typer.Argument(None, help="Competition CSV (guid,description,typology); omit to audit --images DIR/<class>/*.jpg."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg; alone: DIR/<class>/*.jpg."),
+    folds: int = typer.Option(5, help="Stratified folds for the out-of-fold probabilities."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for label_issues.csv/.html, oof.npz (default reports/clean-NAME)."),
+    expert: str = typer.Option("fast", help="Text expert per fold: fast (TF-IDF, seconds) or full (TextModel, ~30 s a fold)."),
+    drop: bool = typer.Option(False, "--drop", help="Also write a cleaned copy without the flagged rows."),
+    relabel: bool = typer.Option(False, "--relabel", help="Also write a cleaned copy with flagged rows given the suggested label."),
+    reuse: bool = typer.Option(False, "--reuse", help="Rerun the audit on the probabilities saved in --out; train nothing."),
+    top: int = typer.Option(100, help="Rows shown on the HTML page."),
+    seed: int = typer.Option(0, help="Seed of the folds and the experts."),
+) -> None:
+    """Find likely label errors (confident learning on out-of-fold probabilities); optionally drop or relabel them."""
+    from museum.clean import EXPERTS, run_clean
+
+    if drop and relabel:
+        raise MuseumError("--drop and --relabel: choose one")
+    if folds < 2:
+        raise MuseumError(f"--folds {folds}: must be at least 2")
+    if expert not in EXPERTS:
+        raise MuseumError(f"--expert {expert}: expected one of {', '.join(EXPERTS)}")
+    if top < 1:
+        raise MuseumError(f"--top {top}: must be at least 1")
+    action = "drop" if drop else "relabel" if relabel else "report"
+    typer.echo(run_clean(train, images, out, folds, seed, expert, action, reuse, top).text)
+
+
+@app.command("dedup")
+@friendly_errors
+def dedup_cmd(
+    path: Path = typer.Argument(..., help="Image folder (DIR/<class>/*.jpg or DIR/*.jpg) or a competition CSV."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (without it, only descriptions are compared)."),
+    threshold: Optional[float] = typer.Option(None, help="Cosine similarity of embeddings from which two images are near duplicates (default 0.92)."),
+    keep: str = typer.Option("all", help="all (report only) or one (also write a list/CSV keeping one item per group)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for groups.csv and dedup.html (default reports/dedup-NAME)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (for the embeddings)."),
+) -> None:
+    """Find exact, near-duplicate and same-description groups; optionally keep one item per group."""
+    from museum.dedup import DEFAULT_THRESHOLD, KEEP, run_dedup
+
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise MuseumError(f"--threshold {threshold}: must be in (0, 1]")
+    if keep not in KEEP:
+        raise MuseumError(f"--keep {keep}: expected one of {', '.join(KEEP)}")
+    typer.echo(run_dedup(path, images, out, DEFAULT_THRESHOLD if threshold is None else threshold, keep, device).text)

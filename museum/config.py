@@ -101,9 +101,12 @@ class ImageConfig:
     warmup_epochs: float = 1.0
     freeze_epochs: int = 0  # head-only epochs before the backbone trains
     trainable: float = 0.3  # share of backbone tensors, from the top, that fine-tune (1 = all)
+    backbone_lr: float = 0.3  # backbone learning rate as a share of `lr` (the new head gets all of it)
     label_smoothing: float = 0.1
     balance: str = "loss"  # loss (class-weighted CE) | sampler (class-balanced draws) | none
     soft_f1: float = 0.0  # weight of the soft-F1 term in the loss (0..1)
+    ema_epochs: float = 1.0  # horizon of the weight average that is validated and kept, in epochs; 0 = off
+    tta: bool = True  # validate and predict on the mean of each image's and its mirror's logits
     # augmentation
     crop_scale: float = 0.35  # smallest area share of a random resized crop
     color_jitter: float = 0.3
@@ -112,3 +115,8 @@ class ImageConfig:
     workers: int = 0  # decoding processes; 0 = min(4, CPUs)
     threads: int = 0  # torch CPU threads; 0 = CPUs / processes
     cache_dir: str | None = None  # keep decoded images on disk, keyed by content hash + size
+    # embedding heads and yes/no tasks
+    head: str = "finetune"  # finetune | logreg | svm | mlp | knn (scikit-learn on frozen embeddings)
+    embeddings: str | None = None  # .npz of `museum embed` to reuse (rewritten when its images differ)
+    positive: str | None = None  # one-vs-rest: this class against all others
+    target_precision: float | None = None  # binary threshold: lowest reaching this precision; None = max F1

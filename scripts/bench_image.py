@@ -7,9 +7,10 @@ Speed (images/s, training and inference, MobileNetV2 at the default input size):
 Accuracy: `train_image_model` with default options on each set (stratified 80/20 split),
 with the best validation macro-F1 and the wall seconds of the whole run.
 
-    python scripts/bench_image.py [--quick] [--datasets simpsons_small,quintuplets]
+    python scripts/bench_image.py [--quick] [--datasets simpsons_small,quintuplets] [--merge]
 
-Prints tables and writes bench_results/bench_image.json.
+Prints tables and writes bench_results/bench_image.json. With `--merge` the rows of sets not
+run this time are kept from that file, so slow sets can be re-run (or run in parallel) alone.
 """
 
 from __future__ import annotations
@@ -124,22 +125,33 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 epochs per set and fewer speed batches.")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--no-speed", action="store_true", help="Skip the speed table (keep the file's with --merge).")
+    parser.add_argument("--merge", action="store_true", help="Keep the file's results for what is not run now.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_image.json")
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(os.cpu_count() or 1)
     size = 160
-    result = {"config": config_to_dict(ImageConfig()), "threads": torch.get_num_threads()}
-    result["speed"] = speed(DATA / "simpsons_small", size, n_batches=3 if args.quick else 6)
-    s = result["speed"]
-    print(f"\nspeed, images/s (simpsons_small, mobilenet_v2 {size}px, {s['images']} images, {result['threads']} threads)")
-    print(f"{'':10} {'(a) ImageFolder':>16} {'(b) shipped':>12} {'(c) model only':>15} {'b/c':>6}")
-    for phase in ("train", "inference"):
-        a, b, c = s[f"{phase}_a"], s[f"{phase}_b"], s[f"{phase}_c"]
-        print(f"{phase:10} {a:16.1f} {b:12.1f} {c:15.1f} {b / c:6.0%}")
+    result = {"config": config_to_dict(ImageConfig()), "threads": torch.get_num_threads(),
+              "load_average_at_start": round(os.getloadavg()[0], 2)}  # other jobs on the machine skew timings
+    if not args.no_speed:
+        result["speed"] = speed(DATA / "simpsons_small", size, n_batches=3 if args.quick else 6)
+        s = result["speed"]
+        print(f"\nspeed, images/s (simpsons_small, mobilenet_v2 {size}px, {s['images']} images, {result['threads']} threads)")
+        print(f"{'':10} {'(a) ImageFolder':>16} {'(b) shipped':>12} {'(c) model only':>15} {'b/c':>6}")
+        for phase in ("train", "inference"):
+            a, b, c = s[f"{phase}_a"], s[f"{phase}_b"], s[f"{phase}_c"]
+            print(f"{phase:10} {a:16.1f} {b:12.1f} {c:15.1f} {b / c:6.0%}")
     if not args.speed_only:
         out_root = args.out.parent / "image_runs"
         result["accuracy"] = [accuracy(name, args.quick, out_root) for name in args.datasets.split(",") if name]
+    if args.merge and args.out.is_file():  # read as late as possible: a parallel run may have just written it
+        old = json.loads(args.out.read_text())
+        result.setdefault("speed", old.get("speed"))
+        done = {r["dataset"] for r in result.get("accuracy", [])}
+        result["accuracy"] = [r for r in old.get("accuracy", []) if r["dataset"] not in done] + result.get("accuracy", [])
+        result["accuracy"].sort(key=lambda r: DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else len(DATASETS))
+    if result.get("accuracy"):
         print(f"\n{'dataset':18} {'macro-F1':>8} {'target':>7} {'accuracy':>8} {'px':>4} {'epochs':>6} {'seconds':>8}")
         for r in result["accuracy"]:
             print(f"{r['dataset']:18} {r['macro_f1']:8.4f} {r['target'] or 0:7.2f} {r['accuracy']:8.4f} "

@@ -259,3 +259,31 @@ def test_pretrained_fine_tune_keeps_early_layers(tiny_folder, tmp_path, offline)
     before, after = start.state_dict(), torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
     assert torch.equal(before["features.0.0.weight"], after["features.0.0.weight"])  # fixed bottom layer
     assert not torch.equal(before["features.18.0.weight"], after["features.18.0.weight"])  # fine-tuned top
+
+
+# ----------------------------------------------------------------------------- EMA and flip averaging
+
+
+def test_weight_ema_averages_all_steps_then_decays():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = engine.WeightEMA(model, decay=0.5)
+    for value in (1.0, 2.0):  # within the horizon: the plain mean of the steps so far
+        model.weight.data.fill_(value)
+        ema.update(model)
+    assert ema.module.weight.item() == pytest.approx(1.5)
+    model.weight.data.fill_(3.5)
+    ema.update(model)  # past it: exponential with the given decay
+    assert ema.module.weight.item() == pytest.approx(2.5)
+    assert not ema.module.weight.requires_grad
+
+
+def test_flip_averaged_logits_are_mirror_invariant():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    x = torch.rand(2, 3, 8, 8)
+    batches = lambda images: [(images, torch.zeros(2))]  # noqa: E731
+    plain = engine.predict_logits(net, batches(x), "cpu", lambda b: b)
+    mirrored = engine.predict_logits(net, batches(x.flip(3)), "cpu", lambda b: b)
+    assert not torch.allclose(plain, mirrored)
+    both = engine.predict_logits(net, batches(x), "cpu", lambda b: b, tta_flip=True)
+    torch.testing.assert_close(both, engine.predict_logits(net, batches(x.flip(3)), "cpu", lambda b: b, tta_flip=True))

@@ -38,6 +38,8 @@ class ImageModel:
         self.device = "cpu"
         self.epoch, self.metric = 0, float("nan")
         self.report_: dict = {}  # validation results of the last `fit`, for metrics.json
+        self.head = None  # a fitted `museum.image.heads.Head` on pooled features (`--head`), else None
+        self.decision: dict | None = None  # binary tasks: {"positive": class, "threshold": raw probability}
 
     # ------------------------------------------------------------------ training
 
@@ -47,16 +49,24 @@ class ImageModel:
 
         `out` receives last.pt/best.pt/summary.csv as training goes (a temporary folder when None).
         """
-        from museum.image.train import fit_image_model
+        if self.config.head != "finetune":
+            from museum.image.head_train import fit_head_model as fit_image_model
+        else:
+            from museum.image.train import fit_image_model
 
         fit_image_model(self, list(paths), list(labels), None if val_paths is None else list(val_paths),
                         None if val_labels is None else list(val_labels), out, resume)
         return self
 
-    def build(self, classes: list[str], input_size: int, weights: str) -> str:
-        """Create the network for `classes`; returns where its initial weights came from."""
+    def build(self, classes: list[str], input_size: int, weights: str, head: bool = False) -> str:
+        """Create the network for `classes` (with `head`, the backbone without its classifier: it
+        returns pooled features for a scikit-learn head); returns where its initial weights came from."""
         self.classes_, self.input_size = list(classes), int(input_size)
         self.net, source = build_backbone(self.config.backbone, len(classes), weights)
+        if head:
+            from museum.image.embed import feature_extractor
+
+            self.net = feature_extractor(self.net)
         return source
 
     def meta(self) -> dict:
@@ -65,6 +75,7 @@ class ImageModel:
             "format": CHECKPOINT_FORMAT, "package_version": __version__, "backbone": self.config.backbone,
             "classes": list(self.classes_), "input_size": self.input_size, "mean": list(self.mean),
             "std": list(self.std), "config": config_to_dict(self.config),
+            "head": self.head.kind if self.head is not None else None, "decision": self.decision,
         }
 
     # ------------------------------------------------------------------ inference
@@ -80,8 +91,20 @@ class ImageModel:
         net.eval()
         mean = torch.tensor(self.mean, device=self.device)
         std = torch.tensor(self.std, device=self.device)
-        logits = net(normalize(batch.to(self.device), mean, std))
-        return logits.float().softmax(1).cpu().numpy()
+        x = normalize(batch.to(self.device), mean, std)
+        logits = net(x).float()
+        if self.config.tta:  # the mirror view, as validation scored it
+            logits = (logits + net(x.flip(3)).float()) / 2
+        if self.head is not None:  # `logits` are pooled features here
+            proba = self.head.predict_proba(logits.cpu().numpy())
+        else:
+            proba = logits.softmax(1).cpu().numpy()
+        if self.decision is not None:  # binary task: 0.5 moves to the saved threshold
+            from museum.image.binary import shift_proba
+
+            pos = self.classes_.index(self.decision["positive"])
+            proba = shift_proba(proba, pos, self.decision["threshold"]).astype(np.float32)
+        return proba
 
     def predict_proba(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
         """Probabilities (n, len(classes_)) for PIL images of any mode and size."""
@@ -120,6 +143,8 @@ class ImageModel:
         path = Path(folder) / "best.pt"
         save_checkpoint({**self.meta(), "epoch": self.epoch, "metric": self.metric,
                          "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}}, path)
+        if self.head is not None:
+            self.head.save(folder)
         return path
 
     @classmethod
@@ -133,13 +158,18 @@ class ImageModel:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MuseumError(f"{path}: not an image-model checkpoint of this package; pass the folder written by train-image")
         model = cls(config_from_dict(ImageConfig, state["config"]))
-        model.build(state["classes"], state["input_size"], weights="none")
+        model.build(state["classes"], state["input_size"], weights="none", head=bool(state.get("head")))
+        model.decision = state.get("decision")
         model.mean, model.std = list(state["mean"]), list(state["std"])
         model.epoch, model.metric = state["epoch"], state["metric"]
         try:
             model.net.load_state_dict(state["state_dict"])
         except RuntimeError as exc:
             raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({str(exc)[:100]}); retrain") from None
+        if state.get("head"):
+            from museum.image.heads import Head
+
+            model.head = Head.load(path.parent)
         model.device = resolve_device(device)
         model.net.to(model.device).eval()
         return model

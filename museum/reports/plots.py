@@ -184,6 +184,33 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path, tit
         return _save(fig, path)
 
 
+def roc_pr_curves(binary: dict, path: Path) -> Path:
+    """ROC and precision–recall curves side by side, the chosen threshold marked on both."""
+    b = binary
+    with _figure(10, 4.2) as fig:
+        roc_ax, pr_ax = fig.subplots(1, 2)
+        fpr_at = b["confusion"]["fp"] / max(1, b["confusion"]["fp"] + b["confusion"]["tn"])
+        roc_ax.plot(b["roc"]["fpr"], b["roc"]["tpr"], color="#2b8cbe", label=f"ROC-AUC {b['roc_auc']:.3f}")
+        roc_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+        roc_ax.plot([fpr_at], [b["recall"]], "o", color=ERROR_COLOUR, label=f"threshold {b['threshold']:.3f}")
+        roc_ax.set_xlabel("false positive rate")
+        roc_ax.set_ylabel("true positive rate (recall)")
+        roc_ax.set_title("ROC")
+        pr_ax.step(b["pr"]["recall"], b["pr"]["precision"], where="post", color="#2b8cbe",
+                   label=f"PR-AUC (average precision) {b['average_precision']:.3f}")
+        pr_ax.axhline(b["positives"] / max(1, b["n"]), color="grey", linestyle="--", linewidth=1, label="chance")
+        pr_ax.plot([b["recall"]], [b["precision"]], "o", color=ERROR_COLOUR, label=f"F1 {b['f1']:.3f} at the threshold")
+        pr_ax.set_xlabel("recall")
+        pr_ax.set_ylabel("precision")
+        pr_ax.set_title(f"Precision–recall: {shorten(b['positive'], 40)}")
+        for ax in (roc_ax, pr_ax):
+            ax.set_xlim(-0.01, 1.01)
+            ax.set_ylim(-0.01, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right" if ax is roc_ax else "lower left")
+        return _save(fig, path)
+
+
 def per_class_scores(per_class: dict[str, dict], path: Path, title: str = "Per-class precision, recall, F1") -> Path:
     """Grouped horizontal bars of precision, recall and F1, worst F1 on top."""
     items = sorted(per_class.items(), key=lambda kv: (kv[1]["f1"], kv[0]))

@@ -46,6 +46,7 @@ class ReportInput:
     metrics: dict | None = None  # classification_metrics(); computed from `examples` when None
     data: dict = field(default_factory=dict)  # data summary: name → value
     notes: list[str] = field(default_factory=list)  # what is missing, and caveats
+    binary: dict | None = None  # yes/no tasks: `museum.image.binary.binary_analysis` output
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -87,7 +88,7 @@ def build_run_report(run_dir: str | Path) -> Path:
     report = ReportInput(
         title=f"{kind.capitalize()} run {run_dir.resolve().name}", kind=kind, config=config, history=history,
         best_epoch=saved.get("best_epoch") or _best_epoch(history), classes=list(saved.get("classes") or []),
-        examples=examples, metrics=metrics, data=data, notes=notes,
+        examples=examples, metrics=metrics, data=data, notes=notes, binary=saved.get("binary"),
     )
     return render_report(run_dir, report)
 
@@ -161,6 +162,8 @@ def render_report(out_dir: Path, report: ReportInput) -> Path:
         sections.append(html.section("Learning curves", html.png(figure, "learning curves")))
     if metrics:
         sections.append(_per_class_section(out_dir, metrics))
+    if report.binary:
+        sections.append(_binary_section(out_dir, report.binary))
     if examples:
         sections.append(_confusion_section(out_dir, examples, report.classes))
         sections.extend(_example_sections(out_dir, examples))
@@ -190,6 +193,19 @@ def _per_class_section(out_dir: Path, metrics: dict) -> str:
                        bad_rows=[m["f1"] < metrics["macro_f1"] for _, m in rows])
     figure = plots.per_class_scores(per_class, out_dir / "per_class.png")
     return html.section("Per-class scores (worst F1 first; shaded: below macro-F1)", table, html.png(figure, "per-class scores"))
+
+
+def _binary_section(out_dir: Path, b: dict) -> str:
+    c = b["confusion"]
+    facts = {"ROC-AUC": b["roc_auc"], "PR-AUC (average precision)": b["average_precision"],
+             "threshold": b["threshold"], "chosen by": b["threshold_rule"], "precision at it": b["precision"],
+             "recall at it": b["recall"], "F1 at it": b["f1"]}
+    table = html.table(("true \\ predicted", b["positive"], b["negative"]),
+                       [(b["positive"], c["tp"], c["fn"]), (b["negative"], c["fp"], c["tn"])])
+    figure = plots.roc_pr_curves(b, out_dir / "roc_pr.png")
+    return html.section(f"{b['positive']} vs {b['negative']}: ROC, precision–recall and the threshold",
+                        html.key_values(facts), html.png(figure, "ROC and precision-recall curves"),
+                        "<h3>Confusion matrix at the threshold</h3>", table)
 
 
 def _confusion_section(out_dir: Path, examples: list[dict], classes: Sequence[str]) -> str:

@@ -1,0 +1,354 @@
+"""`museum dedup`: exact, near and text duplicates, and splits that keep each group on one side.
+
+- Exact: the SHA-256 of each file's bytes.
+- Near: cosine similarity of pooled ImageNet-backbone embeddings (`museum.image.embed`: one
+  pass, cached in an .npz keyed by the files and settings). Similarities are computed a block
+  of rows at a time against the rows after them, so memory is `BLOCK × n` floats, never n × n
+  (tens of thousands of images stay within ~50 MB), and only pairs above the threshold are kept.
+- Text: descriptions equal after `normalise_description` (case and spacing); groups whose rows
+  carry more than one label are flagged as conflicting.
+
+Pairs are joined into groups by union-find (a copy of a copy is one group). `split_leaks` and
+`leak_free_split` let a trainer check or ensure that no group straddles train and validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from museum.data.competition import is_safe_id, normalise_description, read_competition_csv, stratified_split
+from museum.errors import MuseumError
+from museum.log import logger
+from museum.utils import atomic_path, write_json
+
+DEFAULT_THRESHOLD = 0.92  # chosen on scripts/bench_dedup.py: see its output for recall/precision around it
+BLOCK = 256  # rows of the similarity matrix held at once
+KEEP = ("all", "one")
+TOP_GROUPS = 200  # groups shown on the page; the CSV lists all
+
+
+@dataclass
+class DedupItems:
+    source: Path
+    names: list[str]  # guid, or path relative to the folder
+    paths: list[Path | None] | None = None
+    labels: list[str] | None = None
+    texts: list[str] | None = None
+    lines: list[int] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def load_dedup_items(path: str | Path, images: str | Path | None = None) -> DedupItems:
+    """A folder (per-class sub-folders, or images directly inside) or a competition CSV with optional `images/{guid}.jpg`."""
+    from museum.data.images import IMAGE_SUFFIXES, list_image_folder
+
+    path = Path(path)
+    if not path.exists():
+        raise MuseumError(f"{path}: not found; give a folder of images or a competition CSV")
+    if path.is_dir():
+        if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+            found = list_image_folder(path)
+            paths, labels = list(found.paths), list(found.labels)
+        else:
+            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            labels = None
+            if not paths:
+                raise MuseumError(f"{path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        return DedupItems(path, [p.relative_to(path).as_posix() for p in paths], paths, labels)
+    from museum.reports.eda import _read_labels
+
+    table = read_competition_csv(path)
+    # Labels are optional here (a test file has none): only conflicts need them.
+    items = DedupItems(path, table.guids, None, _read_labels(path, len(table)), table.descriptions, table.lines)
+    if images is not None:
+        root = Path(images)
+        if not root.is_dir():
+            raise MuseumError(f"--images {root}: not a folder; expected {root}/{{guid}}.jpg for the rows of {path}")
+        items.paths = [root / f"{g}.jpg" if is_safe_id(g) and (root / f"{g}.jpg").is_file() else None for g in table.guids]
+    return items
+
+
+# ----------------------------------------------------------------------------- finding duplicates
+
+
+def file_hash(path: Path | None) -> str | None:
+    """SHA-256 of the file's bytes, streamed; None for a missing or unreadable file."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = None, device: str = "auto",
+                     input_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised float32 embeddings (n, d), readable mask), one MobileNetV2 pass cached in `cache_file`."""
+    from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from museum.image.embed import embed_spec, load_or_embed, resolve_input_size
+    from museum.utils import resolve_device
+
+    present = [Path(p) for p in paths if p is not None]
+    if not present:
+        return np.zeros((len(paths), 1), dtype=np.float32), np.zeros(len(paths), dtype=bool)
+    spec = embed_spec("mobilenet_v2", "imagenet", resolve_input_size(input_size, present), IMAGENET_MEAN, IMAGENET_STD)
+    emb = load_or_embed(present, [""] * len(present), spec, cache_file, device=resolve_device(device))
+    rows = np.array([-1 if p is None else r for p, r in zip(paths, _rows_of(emb, paths))], dtype=np.int64)
+    ok = rows >= 0
+    feats = np.zeros((len(paths), emb.features.shape[1]), dtype=np.float32)
+    feats[ok] = emb.features[rows[ok]]
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats, ok
+
+
+def _rows_of(emb, paths) -> np.ndarray:
+    return emb.rows([p if p is not None else "\0" for p in paths])
+
+
+def similar_pairs(feats: np.ndarray, ok: np.ndarray, threshold: float, block: int = BLOCK) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for i < j with cosine ≥ threshold; rows are unit vectors, compared a block at a time."""
+    idx = np.flatnonzero(ok)
+    x = feats[idx]
+    pairs = []
+    for start in range(0, len(x), block):
+        sims = x[start:start + block] @ x[start:].T  # (block, rows from `start` on): upper triangle only
+        a, b = np.nonzero(sims >= threshold)
+        keep = b > a  # the diagonal (and the lower part of the first columns) are not pairs
+        for i, j in zip(a[keep], b[keep]):
+            pairs.append((int(idx[start + i]), int(idx[start + j]), float(sims[i, j])))
+    return pairs
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        a, b = self.find(i), self.find(j)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+def image_groups(paths: Sequence[Path | None], threshold: float = DEFAULT_THRESHOLD, cache_file: Path | None = None,
+                 device: str = "auto") -> list[dict]:
+    """Exact (same bytes) and near (cosine ≥ threshold) image duplicate groups, as dicts with `members`."""
+    hashes = [file_hash(p) for p in paths]
+    uf = _UnionFind(len(paths))
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(hashes):
+        if h is not None:
+            by_hash[h].append(i)
+    for members in by_hash.values():
+        for j in members[1:]:
+            uf.union(members[0], j)
+    feats, ok = image_embeddings(paths, cache_file, device)
+    # Exact copies already share a group: compare one embedding per distinct file.
+    first = np.zeros(len(paths), dtype=bool)
+    first[[m[0] for m in by_hash.values()]] = True
+    lowest: dict[int, float] = {}
+    pairs = similar_pairs(feats, ok & first, threshold)
+    for i, j, s in pairs:
+        uf.union(i, j)
+    components: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(paths)):
+        components[uf.find(i)].append(i)
+    for i, j, s in pairs:
+        root = uf.find(i)
+        lowest[root] = min(lowest.get(root, 1.0), s)
+    groups = []
+    for root, members in components.items():
+        if len(members) > 1:
+            exact = len({hashes[i] for i in members}) == 1
+            groups.append({"kind": "exact" if exact else "near", "members": members,
+                           "similarity": 1.0 if exact else lowest.get(root, 1.0)})
+    return groups
+
+
+def text_groups(texts: Sequence[str], labels: Sequence[str] | None = None) -> list[dict]:
+    """Rows whose descriptions are equal after normalisation; `conflicting` when they carry more than one label."""
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        key = normalise_description(text)
+        if key:
+            rows_of[key].append(i)
+    return [{"kind": "text", "members": rows, "similarity": 1.0,
+             "conflicting": labels is not None and len({labels[i] for i in rows}) > 1}
+            for rows in rows_of.values() if len(rows) > 1]
+
+
+def _finish(groups: list[dict], labels: Sequence[str] | None) -> list[dict]:
+    """Number the groups (conflicting, then largest, first) and flag label conflicts in image groups."""
+    for g in groups:
+        g.setdefault("conflicting", labels is not None and len({labels[i] for i in g["members"]}) > 1)
+    groups.sort(key=lambda g: (not g["conflicting"], -len(g["members"]), g["kind"], g["members"][0]))
+    for k, g in enumerate(groups, 1):
+        g["group"] = k
+    return groups
+
+
+# ----------------------------------------------------------------------------- splits without leaks
+
+
+def split_leaks(groups: Iterable, train_idx: Sequence[int], val_idx: Sequence[int]) -> list[list[int]]:
+    """Groups (lists of row indices, or dicts with `members`) that have rows in both train and validation."""
+    train, val = set(map(int, train_idx)), set(map(int, val_idx))
+    leaks = []
+    for g in groups:
+        members = [int(i) for i in (g["members"] if isinstance(g, dict) else g)]
+        if any(i in train for i in members) and any(i in val for i in members):
+            leaks.append(members)
+    return leaks
+
+
+def leak_free_split(labels: Sequence[str], groups: Iterable, val_fraction: float = 0.2,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`stratified_split`, then each straddling group moved whole to the side most of it fell on (train on ties).
+
+    The split stays stratified up to the few moved rows, and `split_leaks` of the result is empty."""
+    train_idx, val_idx = stratified_split(list(labels), val_fraction, seed)
+    side = np.zeros(len(labels), dtype=bool)  # True = validation
+    side[val_idx] = True
+    for members in split_leaks(groups, train_idx, val_idx):
+        side[members] = side[members].sum() * 2 > len(members)
+    return np.flatnonzero(~side), np.flatnonzero(side)
+
+
+# ----------------------------------------------------------------------------- keep one
+
+
+def keep_one(n: int, groups: list[dict], labels: Sequence[str] | None) -> np.ndarray:
+    """Row indices to keep: one per group (one carrying the group's majority label, the earliest on ties), all others."""
+    drop = np.zeros(n, dtype=bool)
+    for g in groups:
+        members = sorted(g["members"])
+        keep = members[0]
+        if labels is not None:
+            majority = Counter(labels[i] for i in members).most_common(1)[0][0]
+            keep = next(i for i in members if labels[i] == majority)
+        drop[[i for i in members if i != keep]] = True
+    return np.flatnonzero(~drop)
+
+
+def _keep_groups(groups: list[dict], with_images: bool) -> list[dict]:
+    # With images, identical descriptions ("Открытка") usually name different objects: only image groups decide.
+    return [g for g in groups if g["kind"] != "text"] if with_images else groups
+
+
+def write_kept(items: DedupItems, keep: np.ndarray, out_dir: Path) -> Path:
+    """The deduplicated CSV (original columns, kept rows) or, for a folder, a path,label file list."""
+    if items.texts is not None:
+        target = out_dir / f"{items.source.stem}.dedup.csv"
+        if target.resolve() == items.source.resolve():
+            raise MuseumError(f"--out {out_dir}: the deduplicated copy would overwrite the input {items.source}")
+        with open(items.source, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            rows = [r for r in reader if any(cell.strip() for cell in r)]
+        keep_set = set(keep.tolist())
+        with atomic_path(target) as tmp:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow([h.strip() for h in header])
+                writer.writerows(r for i, r in enumerate(rows) if i in keep_set)
+        return target
+    target = out_dir / "kept.csv"
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label"])
+            for i in keep:
+                writer.writerow([str(items.paths[i]), items.labels[i] if items.labels else ""])
+    return target
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class DedupResult:
+    out_dir: Path
+    groups: list[dict]
+    page: Path
+    kept: Path | None
+    text: str
+
+
+def run_dedup(path: str | Path, images: str | Path | None = None, out: str | Path | None = None,
+              threshold: float = DEFAULT_THRESHOLD, keep: str = "all", device: str = "auto") -> DedupResult:
+    """Find groups, write groups.csv, dedup.html and (with keep="one") the deduplicated list or CSV."""
+    import time
+
+    from museum.reports.cleaning import dedup_page
+
+    if not 0.0 < threshold <= 1.0:
+        raise MuseumError(f"--threshold {threshold}: must be in (0, 1]; cosine similarity of embeddings")
+    if keep not in KEEP:
+        raise MuseumError(f"--keep {keep}: expected one of {', '.join(KEEP)}")
+    items = load_dedup_items(path, images)
+    out_dir = Path(out) if out is not None else Path("reports") / f"dedup-{items.source.stem or items.source.name}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MuseumError(f"--out {out_dir}: is a file; give a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    groups: list[dict] = []
+    if items.paths is not None:
+        groups += image_groups(items.paths, threshold, out_dir / "embeddings.npz", device)
+    if items.texts is not None:
+        groups += text_groups(items.texts, items.labels)
+    groups = _finish(groups, items.labels)
+    seconds = time.perf_counter() - start
+    _write_groups(out_dir / "groups.csv", items, groups)
+    page = dedup_page(out_dir / "dedup.html", items.source, groups, items.names, items.paths, items.labels, items.texts,
+                      TOP_GROUPS)
+    kept = None
+    if keep == "one":
+        kept = write_kept(items, keep_one(len(items.names), _keep_groups(groups, items.paths is not None), items.labels),
+                          out_dir)
+    counts = Counter(g["kind"] for g in groups)
+    summary = {"source": str(items.source), "items": len(items.names), "threshold": threshold, "groups": dict(counts),
+               "duplicate_rows": sum(len(g["members"]) - 1 for g in _keep_groups(groups, items.paths is not None)),
+               "conflicting_groups": sum(g["conflicting"] for g in groups), "seconds": round(seconds, 2),
+               "kept": str(kept) if kept else None}
+    write_json(out_dir / "dedup.json", summary)
+    lines = [f"{items.source}: {len(items.names):,} items in {seconds:.1f}s",
+             "groups: " + (", ".join(f"{counts[k]:,} {k}" for k in ("exact", "near", "text") if counts[k]) or "none")
+             + f"; {summary['conflicting_groups']:,} with conflicting labels",
+             f"groups: {out_dir / 'groups.csv'}"]
+    if kept is not None:
+        lines.append(f"kept one per group ({summary['duplicate_rows']:,} rows left out): {kept}")
+    lines.append(f"page: {page}")
+    logger.debug(f"dedup summary: {summary}")
+    return DedupResult(out_dir, groups, page, kept, "\n".join(lines))
+
+
+def _write_groups(path: Path, items: DedupItems, groups: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["group", "kind", "similarity", "conflicting", "row", "id", "label", "image", "description"])
+            for g in groups:
+                for i in g["members"]:
+                    writer.writerow([g["group"], g["kind"], f"{g['similarity']:.4f}", int(g["conflicting"]),
+                                     items.lines[i] if items.lines else i, items.names[i],
+                                     items.labels[i] if items.labels else "",
+                                     str(items.paths[i]) if items.paths is not None and items.paths[i] is not None else "",
+                                     items.texts[i] if items.texts is not None and g["kind"] == "text" else ""])

@@ -1,0 +1,87 @@
+"""`ImageModel.fit` for `--head logreg|svm|mlp|knn`: embed once, search the head, validate.
+
+The split, input size and metrics.json layout are those of fine-tuning, so the two are
+compared on the same rows and the run folder reads the same to `report`, `evaluate` and
+`submit`; only `history` is empty (there are no epochs) and `head` describes the search.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from museum.data.competition import stratified_split
+from museum.errors import MuseumError
+from museum.log import logger
+from museum.metrics import classification_metrics
+from museum.utils import resolve_device, seed_everything
+
+
+def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[Path] | None,
+                   val_labels: list[str] | None, out: str | Path | None = None, resume: bool = False):
+    from museum.image.embed import embed_spec, load_or_embed, resolve_input_size
+    from museum.image.heads import HEADS, describe, fit_head
+
+    config = model.config
+    if config.head not in HEADS[1:]:
+        raise MuseumError(f"--head {config.head}: expected one of {', '.join(HEADS)}")
+    if not paths:
+        raise MuseumError("no training images; check --images")
+    if config.weights == "none":  # random features would make the head a coin toss
+        raise MuseumError(f"--head {config.head} --weights none: heads need pretrained features; use --weights imagenet")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MuseumError(f"--head {config.head}: trains in seconds in one process; run it without torchrun")
+    seed_everything(config.seed)
+    torch.set_num_threads(config.threads or max(1, os.cpu_count() or 1))
+    start = time.perf_counter()
+    classes = sorted(set(labels))
+    if val_paths is None:  # the same seeded stratified split as fine-tuning
+        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
+        paths, labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+    val_labels = list(val_labels or [])
+    unknown = sorted(set(val_labels) - set(classes))
+    if unknown:
+        raise MuseumError(f"validation classes not in training: {', '.join(unknown[:5])}; give --val the same class folders")
+    size = config.input_size or resolve_input_size(0, paths, config.seed)
+    source = model.build(classes, size, config.weights, head=True)
+    model.device = resolve_device(config.device)
+    logger.info(f"{config.backbone} ({source}) embeddings + {config.head} head, {len(classes)} classes, {size} px, "
+                f"{len(paths)} train / {len(val_paths)} validation images")
+
+    # One embedding pass (and one cache file) for training and validation rows together.
+    spec = embed_spec(config.backbone, config.weights, size, model.mean, model.std, config.tta)
+    emb = load_or_embed(list(paths) + list(val_paths), list(labels) + val_labels, spec, config.embeddings,
+                        device=model.device, workers=config.workers, cache_dir=config.cache_dir, net=model.net)
+    col = {c: i for i, c in enumerate(classes)}
+    tr, va = emb.rows(paths), emb.rows(val_paths)
+    keep_tr, keep_va = np.flatnonzero(tr >= 0), np.flatnonzero(va >= 0)
+    if len(keep_tr) < 2:
+        raise MuseumError("fewer than 2 readable training images; add images")
+    y_train = np.array([col[labels[i]] for i in keep_tr], dtype=np.int64)
+    head, info = fit_head(config.head, emb.features[tr[keep_tr]], y_train, len(classes), config.seed)
+    model.head = head
+    logger.info(describe(info))
+
+    report = {"best_epoch": None, "best_metric": float("nan"), "history": [], "validation": None,
+              "val_predictions": [], "head": info}
+    if len(keep_va):
+        proba = head.predict_proba(emb.features[va[keep_va]])
+        truth = [val_labels[i] for i in keep_va]
+        pred = [classes[int(j)] for j in proba.argmax(1)]
+        report["validation"] = classification_metrics(truth, pred, labels=classes)
+        report["best_metric"] = model.metric = report["validation"]["macro_f1"]
+        report["val_predictions"] = [
+            {"path": str(Path(val_paths[i]).resolve()), "true": t, "pred": p_label, "confidence": float(p.max()),
+             "loss": float(-np.log(max(float(p[col[t]]), 1e-9))), "proba": [float(v) for v in p]}
+            for i, t, p_label, p in zip(keep_va, truth, pred, proba)
+        ]
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    model.report_ = report
+    if out is not None:
+        model.save(out)
+    return model

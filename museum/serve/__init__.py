@@ -1,0 +1,40 @@
+"""`museum serve`: a web page and a JSON API over the trained experts, for curators.
+
+Modules: `service` (one item through the cascade, thread-safe), `jobs` (CSV submissions
+in the background), `limits` (body size, timeout and headers), `page` (HTML templates in
+`static/`), `app` (the FastAPI routes).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from museum.log import logger
+from museum.serve.app import create_app
+from museum.serve.limits import Limits
+
+__all__ = ["Limits", "create_app", "run_server"]
+
+
+def run_server(text_dir: Path | None, image_dir: Path | None, host: str = "127.0.0.1", port: int = 8000,
+               device: str = "auto", settings_file: Path | None = None, limits: Limits = Limits(),
+               access_log: bool = True) -> None:
+    """Load the models once and serve until Ctrl-C."""
+    import uvicorn
+
+    app = create_app(text_dir, image_dir, device, settings_file, limits)
+    if not _is_loopback(host):
+        logger.warning(f"--host {host}: the server is reachable from other machines; it has no login")
+    logger.info(f"serving on http://{host}:{port} (Ctrl-C stops)")
+    # limit_concurrency answers 503 instead of queueing without bound; keep-alive is short
+    # so idle connections do not hold the limit.
+    uvicorn.run(app, host=host, port=port, log_level="info" if access_log else "warning", access_log=access_log,
+                limit_concurrency=64, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

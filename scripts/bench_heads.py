@@ -1,0 +1,133 @@
+"""Benchmark embedding heads against fine-tuning, in one run (timings are only comparable within a run).
+
+For every character set: macro-F1 on train-image's default stratified 80/20 split (seed 0) and
+wall seconds of (a) fine-tuning with default options and (b) each head on frozen embeddings
+(the embedding pass is counted in every head's time). Then two yes/no tasks, "homer vs rest"
+(simpsons_small) and "miku vs rest" (quintuplets_faces): ROC-AUC, PR-AUC and F1 at the chosen
+threshold for fine-tuning and each head.
+
+    python scripts/bench_heads.py [--quick] [--datasets simpsons_small,quintuplets] [--no-binary]
+
+Prints tables and writes bench_results/bench_heads.json (rewritten after every set, so an
+interrupted run keeps what it measured). --quick: 2 fine-tuning epochs, no MLP head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from museum.config import ImageConfig, config_to_dict  # noqa: E402
+from museum.image.embed import embed_folder  # noqa: E402
+from museum.image.train import train_image_model  # noqa: E402
+from museum.log import setup_logging  # noqa: E402
+
+DATA = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "characters"
+DATASETS = ["simpsons_small", "quintuplets_faces", "quintuplets", "simpsons_mnist"]
+HEADS = ["logreg", "svm", "mlp", "knn"]
+BINARY = [("simpsons_small", "homer"), ("quintuplets_faces", "miku")]
+EMBED_SECONDS: dict[str, float] = {}
+
+
+def run(config: ImageConfig, name: str, out: Path, extra_seconds: float = 0.0) -> dict:
+    start = time.perf_counter()
+    model = train_image_model(config, DATA / name, out)
+    seconds = time.perf_counter() - start + extra_seconds
+    report = model.report_
+    row = {"method": config.head, "macro_f1": round(report["validation"]["macro_f1"], 4),
+           "accuracy": round(report["validation"]["accuracy"], 4), "seconds": round(seconds, 1)}
+    if config.head != "finetune":
+        row["params"] = report["head"]["params"]
+        row["cv_macro_f1"] = report["head"]["cv_macro_f1"]
+    else:
+        row["epochs_run"] = len(report["history"])
+    if "binary" in report:
+        b = report["binary"]
+        row.update(roc_auc=round(b["roc_auc"], 4), pr_auc=round(b["average_precision"], 4), f1=round(b["f1"], 4),
+                   threshold=round(b["threshold"], 4), precision=round(b["precision"], 4), recall=round(b["recall"], 4))
+    return row
+
+
+def bench_set(name: str, base: ImageConfig, heads: list[str], out_root: Path, positive: str | None = None) -> dict:
+    tag = f"{name}-{positive}" if positive else name
+    base = replace(base, positive=positive)
+    rows = [run(base, name, out_root / tag / "finetune")]
+    file = out_root / name / "embeddings.npz"
+    if name not in EMBED_SECONDS:  # the yes/no runs reuse the file: charge them the same pass
+        start = time.perf_counter()
+        embed_folder(DATA / name, file, tta=base.tta)
+        EMBED_SECONDS[name] = time.perf_counter() - start
+    embed_seconds = EMBED_SECONDS[name]
+    for head in heads:
+        rows.append(run(replace(base, head=head, embeddings=str(file)), name, out_root / tag / head, embed_seconds))
+    ft = rows[0]
+    for r in rows:
+        r["f1_gap"] = round(ft["macro_f1"] - r["macro_f1"], 4)
+        r["speedup"] = round(ft["seconds"] / max(r["seconds"], 1e-9), 1)
+    best = max(rows[1:], key=lambda r: (r.get("f1", r["macro_f1"]), -r["seconds"]))
+    return {"dataset": name, "positive": positive, "embed_seconds": round(embed_seconds, 1), "rows": rows,
+            "best_head": best["method"],
+            "target_met": bool(best["f1_gap"] <= 0.02 and best["speedup"] >= 10) if not positive else None}
+
+
+def print_set(result: dict) -> None:
+    title = result["dataset"] + (f": {result['positive']} vs rest" if result["positive"] else "")
+    print(f"\n{title} (embedding pass {result['embed_seconds']}s, counted in every head)")
+    binary = result["positive"] is not None
+    head = f"{'method':9} {'macro-F1':>8} {'gap':>7} {'seconds':>8} {'speed-up':>8}"
+    print(head + (f" {'ROC-AUC':>7} {'PR-AUC':>6} {'F1':>6} {'thresh':>6}" if binary else "  params"))
+    for r in result["rows"]:
+        line = f"{r['method']:9} {r['macro_f1']:8.4f} {r['f1_gap']:7.4f} {r['seconds']:8.1f} {r['speedup']:7.1f}x"
+        if binary:
+            line += f" {r['roc_auc']:7.4f} {r['pr_auc']:6.4f} {r['f1']:6.4f} {r['threshold']:6.3f}"
+        else:
+            line += f"  {json.dumps(r.get('params', {'epochs': r.get('epochs_run')}))}"
+        print(line)
+    if not binary:
+        print(f"best head {result['best_head']}: target (gap <= 0.02 at >= 10x) {'met' if result['target_met'] else 'not met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 fine-tuning epochs and no MLP head.")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--no-binary", action="store_true", help="Skip the one-vs-rest measurements.")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_heads.json")
+    args = parser.parse_args()
+    setup_logging()
+    base = replace(ImageConfig(), epochs=2) if args.quick else ImageConfig()
+    heads = [h for h in HEADS if not (args.quick and h == "mlp")]
+    out_root = args.out.parent / "heads_runs"
+    names = [n for n in args.datasets.split(",") if n]
+    result = {"config": config_to_dict(base), "quick": args.quick, "cpus": os.cpu_count(), "sets": [], "binary": []}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+    # Small sets first, the yes/no tasks next, the 8000-image set last: the slowest part comes at the end.
+    plan = [(n, None) for n in names if n != "simpsons_mnist"]
+    plan += [] if args.no_binary else [(n, p) for n, p in BINARY if n in names]
+    plan += [(n, None) for n in names if n == "simpsons_mnist"]
+    for name, positive in plan:
+        res = bench_set(name, base, heads, out_root, positive)
+        result["binary" if positive else "sets"].append(res)
+        save()
+        print_set(res)
+    met = [r["dataset"] for r in result["sets"] if r["target_met"]]
+    result["target_met_on"] = met
+    save()
+    print(f"\ntarget met on {len(met)} set(s): {', '.join(met) or 'none'} (goal: at least 2)")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`museum dedup` on small real slices: injected exact and altered copies are grouped, text
+duplicates with conflicting labels are flagged, `--keep one` leaves the input untouched, splits
+keep groups whole, the blockwise search equals the brute-force one, and the page renders."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from browser import open_in_chromium
+from museum.cli import app
+from museum.data.images import safe_open_image
+from museum.dedup import leak_free_split, run_dedup, similar_pairs, split_leaks, text_groups
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def folder_with_copies(tmp_path_factory, characters_dir) -> tuple[Path, dict[str, str]]:
+    """12 real images of each of two classes; 2 byte-for-byte copies and 2 re-encoded, resized, cropped ones."""
+    root = tmp_path_factory.mktemp("dups") / "simpsons"
+    copies = {}
+    for name in ("bart", "homer"):
+        (root / name).mkdir(parents=True)
+        for f in sorted((characters_dir / "simpsons_small" / name).glob("*.jpg"))[:12]:
+            shutil.copy(f, root / name / f.name)
+    for k, f in enumerate(sorted((root / "bart").glob("*.jpg"))[:4]):
+        dst = root / "bart" / f"copy_{f.stem}.jpg"
+        if k < 2:
+            shutil.copy(f, dst)
+        else:
+            img = safe_open_image(f)
+            w, h = img.size
+            img = img.crop((w // 40, h // 40, w - w // 40, h - h // 40)).resize((int(w * 0.8), int(h * 0.8)), Image.BILINEAR)
+            img.save(dst, format="JPEG", quality=80)
+        copies[f"bart/{dst.name}"] = f"bart/{f.name}"
+    return root, copies
+
+
+def test_injected_copies_are_grouped_and_keep_one(tmp_path, folder_with_copies):
+    root, copies = folder_with_copies
+    before = {p: p.read_bytes() for p in root.rglob("*.jpg")}
+    result = run_dedup(root, out=tmp_path / "out", keep="one", device="cpu")
+    rows = _rows(tmp_path / "out" / "groups.csv")
+    members = [{r["id"] for r in rows if r["group"] == str(g["group"])} for g in result.groups]
+    for copy, original in copies.items():
+        assert any({copy, original} <= m for m in members), (copy, original, members)
+    kinds = {g["kind"] for g in result.groups}
+    assert "exact" in kinds and "near" in kinds
+    kept = _rows(result.kept)
+    assert len(kept) == len(before) - sum(len(g["members"]) - 1 for g in result.groups)
+    assert {p: p.read_bytes() for p in root.rglob("*.jpg")} == before  # nothing moved or rewritten
+    groups_csv = _rows(tmp_path / "out" / "groups.csv")
+    assert {r["kind"] for r in groups_csv} == kinds
+    # A second run reuses the cached embeddings and finds the same groups.
+    again = run_dedup(root, out=tmp_path / "out", device="cpu")
+    assert [g["members"] for g in again.groups] == [g["members"] for g in result.groups]
+    check = open_in_chromium(result.page, tmp_path / "dedup.png")
+    assert len(check.images) == sum(len(g["members"]) for g in result.groups) and not check.broken_images
+
+
+def test_text_duplicates_flag_conflicts_and_keep_one_csv(tmp_path, museum_train_csv):
+    rows = _rows(museum_train_csv)[:200]
+    rows.append({**rows[3], "guid": "dup-same"})
+    rows.append({**rows[5], "guid": "dup-other", "description": "  " + rows[5]["description"].upper() + " ",
+                 "typology": "оружие" if rows[5]["typology"] != "оружие" else "документы"})
+    source = tmp_path / "train.csv"
+    with open(source, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["guid", "description", "typology"])
+        writer.writeheader()
+        writer.writerows(rows)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    result = CliRunner().invoke(app, ["dedup", str(source), "--keep", "one", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "with conflicting labels" in result.output
+    groups = _rows(tmp_path / "out" / "groups.csv")
+    by_guid = {r["id"]: r for r in groups}
+    assert by_guid["dup-other"]["conflicting"] == "1" and by_guid["dup-same"]["kind"] == "text"
+    kept = _rows(tmp_path / "out" / "train.dedup.csv")
+    assert "dup-same" not in {r["guid"] for r in kept} and rows[3]["guid"] in {r["guid"] for r in kept}
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+
+
+def test_blockwise_pairs_equal_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x[150:160] = x[:10] + 0.05 * rng.normal(size=(10, 16))  # ten planted near copies
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ok = np.ones(300, dtype=bool)
+    ok[7] = False  # an unreadable image takes part in nothing
+    full = x @ x.T
+    brute = {(i, j) for i in range(300) for j in range(i + 1, 300) if ok[i] and ok[j] and full[i, j] >= 0.9}
+    found = {(i, j) for i, j, _ in similar_pairs(x, ok, 0.9, block=32)}
+    assert found == brute and len(found) >= 9
+
+
+def test_splits_keep_groups_whole():
+    labels = ["a"] * 50 + ["b"] * 50
+    groups = [[0, 1, 2], [10, 60], [20, 21, 22, 23], [70, 71]]
+    train, val = leak_free_split(labels, groups, 0.3, seed=0)
+    assert not split_leaks(groups, train, val)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(100))
+    assert split_leaks([[0, 1]], [0], [1]) == [[0, 1]]
+    assert text_groups(["Монета", " монета ", "Картина"], ["x", "y", "z"]) == [
+        {"kind": "text", "members": [0, 1], "similarity": 1.0, "conflicting": True}]
+
+
+def test_bad_inputs_get_one_clear_line(tmp_path, museum_train_csv):
+    runner = CliRunner()
+    result = runner.invoke(app, ["dedup", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not found" in result.output
+    result = runner.invoke(app, ["dedup", str(museum_train_csv), "--threshold", "1.5"])
+    assert result.exit_code == 2 and "--threshold 1.5" in result.output
+    result = runner.invoke(app, ["dedup", str(museum_train_csv), "--images", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "not a folder" in result.output
+    result = runner.invoke(app, ["dedup", str(museum_train_csv), "--keep", "two"])
+    assert result.exit_code == 2 and "expected one of all, one" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["dedup", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no images found" in result.output
