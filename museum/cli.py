@@ -246,14 +246,17 @@ def train_image(
     backbone: str = typer.Option("mobilenet_v2", help="torchvision model name (resnet18, efficientnet_b0, ...)."),
     weights: str = typer.Option("imagenet", help="imagenet, none, or a .pth state dict file."),
     input_size: int = typer.Option(0, help="Square input size in pixels; 0 = from the data (64 for thumbnails, else 160)."),
-    epochs: int = typer.Option(12, help="Maximum epochs (early stopping on validation macro-F1)."),
+    epochs: int = typer.Option(0, help="Maximum epochs (early stopping on validation macro-F1); 0 = from the data size, 8..20."),
     patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
     batch_size: int = typer.Option(32, help="Images per step (per process under torchrun)."),
     lr: float = typer.Option(1e-3, help="AdamW peak learning rate."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
     warmup_epochs: float = typer.Option(1.0, help="Linear warm-up after the frozen epochs."),
     freeze_epochs: int = typer.Option(0, help="Head-only epochs before the backbone trains."),
-    trainable: float = typer.Option(0.3, help="Share of backbone layers, from the top, that fine-tune (1 = all)."),
+    trainable: float = typer.Option(1.0, help="Share of backbone layers, from the top, that fine-tune (1 = all)."),
+    backbone_lr: float = typer.Option(1.0, help="Backbone learning rate as a share of --lr (the new head gets --lr)."),
+    ema: float = typer.Option(0.15, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
     label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
     balance: str = typer.Option("loss", help="loss (class-weighted), sampler (class-balanced draws) or none."),
     soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
@@ -277,8 +280,8 @@ def train_image(
     from museum.image.heads import HEADS
     from museum.image.train import BALANCE, train_image_model
 
-    if epochs < 1:
-        raise MuseumError(f"--epochs {epochs}: must be at least 1")
+    if epochs < 0:
+        raise MuseumError(f"--epochs {epochs}: must be 0 (auto) or at least 1")
     if patience < 1:
         raise MuseumError(f"--patience {patience}: must be at least 1")
     if batch_size < 2:
@@ -296,6 +299,10 @@ def train_image(
         raise MuseumError(f"--lr {lr}: must be positive")
     if not 0.0 <= trainable <= 1.0:
         raise MuseumError(f"--trainable {trainable}: must be between 0 and 1")
+    if not 0.0 < backbone_lr <= 1.0:
+        raise MuseumError(f"--backbone-lr {backbone_lr}: must be in (0, 1]")
+    if not 0.0 <= ema < 1.0:
+        raise MuseumError(f"--ema {ema}: must be between 0 (off) and 1")
     if head not in HEADS:
         raise MuseumError(f"--head {head}: expected one of {', '.join(HEADS)}")
     if head != "finetune" and resume:
@@ -308,7 +315,7 @@ def train_image(
         seed=seed, val_fraction=val_fraction, device=device, backbone=backbone, weights=weights,
         input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
-        label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
+        backbone_lr=backbone_lr, ema=ema, tta=tta, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
         color_jitter=color_jitter, amp=amp, workers=workers, threads=threads,
         cache_dir=str(cache_dir) if cache_dir else None, head=head,
         embeddings=str(embeddings) if embeddings else None, positive=positive, target_precision=target_precision,

@@ -93,19 +93,19 @@ class ImageConfig:
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     input_size: int = 0  # 0 = from the data: 64 px for thumbnails, else 160 px
     # optimisation
-    epochs: int = 12
+    epochs: int = 0  # 0 = from the training-set size (see `auto_epochs`)
     patience: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     freeze_epochs: int = 0  # head-only epochs before the backbone trains
-    trainable: float = 0.3  # share of backbone tensors, from the top, that fine-tune (1 = all)
-    backbone_lr: float = 0.3  # backbone learning rate as a share of `lr` (the new head gets all of it)
+    trainable: float = 1.0  # share of backbone tensors, from the top, that fine-tune (1 = all)
+    backbone_lr: float = 1.0  # backbone learning rate as a share of `lr` (the new head gets all of it)
     label_smoothing: float = 0.1
     balance: str = "loss"  # loss (class-weighted CE) | sampler (class-balanced draws) | none
     soft_f1: float = 0.0  # weight of the soft-F1 term in the loss (0..1)
-    ema_epochs: float = 1.0  # horizon of the weight average that is validated and kept, in epochs; 0 = off
+    ema: float = 0.15  # horizon of the weight average that is validated and kept, as a share of all steps; 0 = off
     tta: bool = True  # validate and predict on the mean of each image's and its mirror's logits
     # augmentation
     crop_scale: float = 0.35  # smallest area share of a random resized crop

@@ -109,8 +109,8 @@ def speed(root: Path, size: int, n_batches: int, batch: int = 32, rounds: int = 
     return {f"{phase}_{which}": round(r, 1) for (phase, which), r in rates.items()} | {"images": n, "size": size}
 
 
-def accuracy(name: str, quick: bool, out_root: Path) -> dict:
-    config = ImageConfig(epochs=2) if quick else ImageConfig()
+def accuracy(name: str, quick: bool, out_root: Path, threads: int) -> dict:
+    config = ImageConfig(epochs=2 if quick else 0, threads=threads)
     start = time.perf_counter()
     model = train_image_model(config, DATA / name, out_root / name)
     seconds = time.perf_counter() - start
@@ -126,11 +126,13 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--no-speed", action="store_true", help="Skip the speed table (keep the file's with --merge).")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0 = all CPUs); 1 when other jobs share the CPUs: oversubscribed threads crawl.")
     parser.add_argument("--merge", action="store_true", help="Keep the file's results for what is not run now.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_image.json")
     args = parser.parse_args()
     setup_logging()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     size = 160
     result = {"config": config_to_dict(ImageConfig()), "threads": torch.get_num_threads(),
               "load_average_at_start": round(os.getloadavg()[0], 2)}  # other jobs on the machine skew timings
@@ -144,7 +146,7 @@ def main() -> None:
             print(f"{phase:10} {a:16.1f} {b:12.1f} {c:15.1f} {b / c:6.0%}")
     if not args.speed_only:
         out_root = args.out.parent / "image_runs"
-        result["accuracy"] = [accuracy(name, args.quick, out_root) for name in args.datasets.split(",") if name]
+        result["accuracy"] = [accuracy(name, args.quick, out_root, args.threads) for name in args.datasets.split(",") if name]
     if args.merge and args.out.is_file():  # read as late as possible: a parallel run may have just written it
         old = json.loads(args.out.read_text())
         result.setdefault("speed", old.get("speed"))

@@ -114,7 +114,7 @@ def test_run_folder_is_complete(trained):
     assert set(metrics["validation"]["per_class"]) == set(model.classes_)
     assert len(metrics["val_predictions"]) == 10 and len(metrics["history"]) == 2
     first = metrics["val_predictions"][0]
-    assert set(first) == {"path", "true", "pred", "confidence", "loss"} and Path(first["path"]).is_absolute()
+    assert set(first) == {"path", "true", "pred", "confidence", "loss", "proba"} and Path(first["path"]).is_absolute()
     assert Path(first["path"]).exists() and first["loss"] >= 0
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["classes"] == model.classes_ == ["bart", "homer", "lisa", "maggie", "marge"]
@@ -239,7 +239,8 @@ def test_cli_bad_options_are_one_line(tiny_folder, tmp_path):
     runner = CliRunner()
     for args, message in [
         (["--balance", "magic"], "--balance magic"),
-        (["--epochs", "0"], "--epochs 0"),
+        (["--epochs", "-1"], "--epochs -1"),
+        (["--ema", "1.5"], "--ema 1.5"),
         (["--backbone", "nope", "--weights", "none"], "--backbone nope"),
     ]:
         result = runner.invoke(app, ["train-image", "--images", str(tiny_folder), "--out", str(tmp_path / "x"), *args])
@@ -262,6 +263,12 @@ def test_pretrained_fine_tune_keeps_early_layers(tiny_folder, tmp_path, offline)
 
 
 # ----------------------------------------------------------------------------- EMA and flip averaging
+
+
+def test_auto_epochs_follow_the_data_size():
+    from museum.image.train import auto_epochs
+
+    assert auto_epochs(40) == 20 and auto_epochs(259) == 15 and auto_epochs(6400) == 8
 
 
 def test_weight_ema_averages_all_steps_then_decays():
