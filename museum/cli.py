@@ -76,8 +76,8 @@ def train_text(
     lemmatize: bool = typer.Option(False, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
     navec: bool = typer.Option(True, "--navec/--no-navec", help="Warm-start Word2Vec from navec vectors."),
     tfidf: bool = typer.Option(True, "--tfidf/--no-tfidf", help="Blend in the TF-IDF linear expert."),
-    blend_weight: Optional[float] = typer.Option(
-        None, help="LSTM weight in the blend (0..1); default: chosen on validation."
+    blend_weight: str = typer.Option(
+        "0.5", help="LSTM weight in the blend (0..1), or `auto` to choose it on validation macro-F1."
     ),
     batch_size: int = typer.Option(64, help="BiLSTM batch size."),
     hidden: int = typer.Option(64, help="BiLSTM hidden units per direction."),
@@ -87,16 +87,27 @@ def train_text(
     from museum.config import TextConfig
     from museum.text.train import train_text_model
 
-    if blend_weight is not None and not 0.0 <= blend_weight <= 1.0:
-        raise MuseumError(f"--blend-weight {blend_weight}: must be between 0 and 1")
+    weight = _parse_blend_weight(blend_weight)
     if epochs < 1:
         raise MuseumError(f"--epochs {epochs}: must be at least 1")
     config = TextConfig(
         seed=seed, val_fraction=val_fraction, device=device, lemmatize=lemmatize, navec=navec,
         epochs=epochs, patience=patience, batch_size=batch_size, hidden=hidden, lr=lr,
-        tfidf=tfidf, blend_weight=blend_weight,
+        tfidf=tfidf, blend_weight=weight,
     )
     train_text_model(train, out, config, unlabeled=list(unlabeled or []))
+
+
+def _parse_blend_weight(value: str) -> float | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        weight = float(value)
+    except ValueError:
+        raise MuseumError(f"--blend-weight {value}: expected a number between 0 and 1, or auto") from None
+    if not 0.0 <= weight <= 1.0:
+        raise MuseumError(f"--blend-weight {value}: must be between 0 and 1")
+    return weight
 
 
 @app.command("predict-text")
@@ -504,7 +515,7 @@ def clean_cmd(
 def dedup_cmd(
     path: Path = typer.Argument(..., help="Image folder (DIR/<class>/*.jpg or DIR/*.jpg) or a competition CSV."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (without it, only descriptions are compared)."),
-    threshold: Optional[float] = typer.Option(None, help="Cosine similarity of embeddings from which two images are near duplicates (default 0.92)."),
+    threshold: Optional[float] = typer.Option(None, help="Cosine similarity of embeddings from which two images are near duplicates on that alone (default 0.96); from 0.6 up, a matching centre-crop hash also makes them duplicates."),
     keep: str = typer.Option("all", help="all (report only) or one (also write a list/CSV keeping one item per group)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for groups.csv and dedup.html (default reports/dedup-NAME)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (for the embeddings)."),

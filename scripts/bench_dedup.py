@@ -8,8 +8,9 @@ runs the dedup library once and scores the pairs it finds:
 - recall: injected (original, copy) pairs that land in one group;
 - precision: among found pairs that involve an injected copy, the share that are its original
   (pairs of two originals are pre-existing look-alikes in the data: counted and listed apart);
-- images/s over the whole run (hashing, decoding, embedding, blockwise similarity), first run
-  and cached rerun, for a few thresholds from one embedding pass.
+- images/s over the whole run (hashing, decoding, embedding, crop hashes, blockwise similarity),
+  first run and cached rerun, for a few cosine thresholds from one embedding pass (the crop-hash
+  rule, cosine ≥ HASH_FLOOR and hash distance ≤ MAX_HASH, applies at every threshold).
 
 Usage: python scripts/bench_dedup.py [--set simpsons_small] [--copies 50] [--seed 0]
 """
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--set", default="simpsons_small")
     ap.add_argument("--copies", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--thresholds", default="0.85,0.88,0.9,0.92,0.94,0.96")
+    ap.add_argument("--thresholds", default="0.92,0.94,0.96,0.98")
     ap.add_argument("--json", type=Path, default=ROOT / "bench_results" / "bench_dedup.json")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)

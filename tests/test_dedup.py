@@ -1,6 +1,7 @@
-"""`museum dedup` on small real slices: injected exact and altered copies are grouped, text
-duplicates with conflicting labels are flagged, `--keep one` leaves the input untouched, splits
-keep groups whole, the blockwise search equals the brute-force one, and the page renders."""
+"""`museum dedup` on small real slices: injected exact and altered copies are grouped (the crop hash
+confirming a cropped copy), text duplicates with conflicting labels are flagged, `--keep one` leaves
+the input untouched, splits keep groups whole, the blockwise search equals the brute-force one, and
+the page renders."""
 
 from __future__ import annotations
 
@@ -128,3 +129,23 @@ def test_bad_inputs_get_one_clear_line(tmp_path, museum_train_csv):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["dedup", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no images found" in result.output
+
+
+def test_crop_hash_confirms_a_cropped_copy_the_embedding_is_unsure_of(characters_dir):
+    """A 6 %-per-side crop hashes like its original at some crop ratio, an unrelated image does not; the
+    hash admits a pair only above the cosine floor, so the rule is `cosine ≥ T or (cosine ≥ floor and hash close)`."""
+    from museum.dedup import crop_hashes, hash_distance
+
+    a, b = sorted((characters_dir / "simpsons_small" / "bart").glob("*.jpg"))[:2]
+    img = safe_open_image(a)
+    w, h = img.size
+    crop = img.crop((w * 6 // 100, h * 6 // 100, w - w * 6 // 100, h - h * 6 // 100)).resize((w * 3 // 4, h * 3 // 4))
+    hashes = np.stack([crop_hashes(img), crop_hashes(crop), crop_hashes(safe_open_image(b))])
+    near, far = hash_distance(hashes, np.array([0, 0]), np.array([1, 2]))
+    assert near <= 0.15 < far
+    feats = np.array([[1.0, 0.0], [0.8, 0.6], [0.8, 0.6]], dtype=np.float32)  # cosine 0.8 to row 0
+    ok = np.ones(3, dtype=bool)
+    found = {(i, j) for i, j, _ in similar_pairs(feats, ok, 0.96, hashes=hashes, hash_ok=ok)}
+    assert (0, 1) in found and (0, 2) not in found
+    below_floor = similar_pairs(feats, ok, 0.96, hashes=hashes, hash_ok=ok, floor=0.9)
+    assert {(i, j) for i, j, _ in below_floor} == {(1, 2)}  # only the identical embeddings

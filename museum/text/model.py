@@ -94,15 +94,18 @@ class TextModel:
 
         self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(texts, labels) if cfg.tfidf else None
         self.blend_weight_ = 1.0
+        # Validation probabilities as the experts stand before any refit: for the blend
+        # choice and for honest validation metrics.
+        self.val_probas_ = self._expert_probas(val_texts)
         if self.tfidf_ is not None:
-            self.blend_weight_ = cfg.blend_weight if cfg.blend_weight is not None else self._choose_blend(val_texts, y_val)
+            self.blend_weight_ = cfg.blend_weight if cfg.blend_weight is not None else self._choose_blend(y_val)
             if cfg.tfidf_refit:
                 # The blend weight is chosen; the linear expert (seconds to fit, no early stopping)
                 # now also learns from the validation rows.
                 self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(list(texts) + list(val_texts), list(labels) + list(val_labels))
         return self
 
-    def _choose_blend(self, val_texts: list[str], y_val: np.ndarray) -> float:
+    def _choose_blend(self, y_val: np.ndarray) -> float:
         """LSTM weight maximising the smoothed validation macro-F1 curve within BLEND_RANGE.
 
         A few hundred validation rows make the raw curve jagged: on 5 CV folds the raw
@@ -110,7 +113,7 @@ class TextModel:
         every fold's test curve peaked between 0.3 and 0.6. So the curve is smoothed over
         neighbouring weights and both experts always keep a say.
         """
-        lstm_p, tfidf_p = self._expert_probas(val_texts)
+        lstm_p, tfidf_p = self.val_probas_
         raw = np.array([macro_f1(y_val.tolist(), (w * lstm_p + (1 - w) * tfidf_p).argmax(1).tolist()) for w in BLEND_GRID])
         smooth = np.convolve(np.pad(raw, 1, mode="edge"), np.ones(3) / 3, mode="valid")
         allowed = (BLEND_GRID >= BLEND_RANGE[0] - 1e-9) & (BLEND_GRID <= BLEND_RANGE[1] + 1e-9)

@@ -37,8 +37,11 @@ def train_text_model(
     )
     model = TextModel(config).fit(train.descriptions, train.labels, val.descriptions, val.labels, extra, progress)
 
-    lstm_p, tfidf_p = model._expert_probas(val.descriptions)
-    proba = model.predict_proba(val.descriptions)
+    # The TF-IDF expert is refit on train + validation at the end of `fit`; score the
+    # validation rows with the experts as they were before that, or the numbers would leak.
+    lstm_p, tfidf_p = model.val_probas_
+    w = model.blend_weight_
+    proba = lstm_p if tfidf_p is None else w * lstm_p + (1 - w) * tfidf_p
     classes = model.classes_
     predicted = [classes[i] for i in proba.argmax(1)]
     metrics = classification_metrics(val.labels, predicted, sorted(set(val.labels)))
@@ -67,13 +70,13 @@ def train_text_model(
     model.save(out)
     write_json(out / "metrics.json", metrics)
     _write_summary(out / "summary.csv", model.history_)
-    write_report_safely(out)
     logger.info(format_report(metrics, "validation report (blended text model)"))
     logger.info(
         f"train-text done: val macro-F1 {metrics['macro_f1']:.4f} (LSTM {metrics['experts']['lstm']:.4f}"
         + (f", TF-IDF {metrics['experts']['tfidf']:.4f}, LSTM weight {model.blend_weight_:.2f}" if tfidf_p is not None else "")
         + f"), accuracy {metrics['accuracy']:.4f}, best epoch {model.best_epoch_}, {metrics['seconds']:.1f} s → {out}"
     )
+    write_report_safely(out)
     return model, metrics
 
 
