@@ -33,21 +33,9 @@ from museum.config import FusionConfig, ImageConfig, TextConfig  # noqa: E402
 from museum.fusion import save_settings  # noqa: E402
 from museum.serve import Limits, create_app  # noqa: E402
 from museum.serve.limits import MB  # noqa: E402
+from csvrows import read_rows, write_rows  # noqa: E402
 
 DESCRIPTION = "Поднос под самовар, жесть, роспись"
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 # ----------------------------------------------------------------------------- models

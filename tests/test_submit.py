@@ -14,21 +14,9 @@ from typer.testing import CliRunner
 from museum.cli import app
 from museum.config import TextConfig
 from museum.submit import check_submission
+from csvrows import read_rows, write_rows  # noqa: E402
 
 runner = CliRunner()
-
-
-def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def invoke(*args: str):
