@@ -280,6 +280,7 @@ def train_image(
     seed: int = typer.Option(0, help="One seed for the split, initialisation, sampling and augmentation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     val_fraction: float = typer.Option(0.2, help="Stratified validation share when --val is not given."),
+    dedup_split: bool = typer.Option(False, "--dedup-split", help="Keep near-duplicate images on one side of the split (no leak into validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
     head: str = typer.Option("finetune", help="finetune, or a scikit-learn head on frozen embeddings: logreg, svm, mlp, knn."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="With --head: .npz from `museum embed` to reuse (written if absent or stale)."),
@@ -323,7 +324,7 @@ def train_image(
     if target_precision is not None and not 0.0 < target_precision <= 1.0:
         raise MuseumError(f"--target-precision {target_precision}: must be in (0, 1]")
     config = ImageConfig(
-        seed=seed, val_fraction=val_fraction, device=device, backbone=backbone, weights=weights,
+        seed=seed, val_fraction=val_fraction, dedup_split=dedup_split, device=device, backbone=backbone, weights=weights,
         input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
         backbone_lr=backbone_lr, ema=ema, tta=tta, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,

@@ -89,6 +89,7 @@ class ImageConfig:
 
     seed: int = 0
     val_fraction: float = 0.2
+    dedup_split: bool = False  # keep near-duplicate groups on one side of the train/validation split
     device: str = "auto"
     # model
     backbone: str = "mobilenet_v2"

@@ -149,3 +149,31 @@ def test_crop_hash_confirms_a_cropped_copy_the_embedding_is_unsure_of(characters
     assert (0, 1) in found and (0, 2) not in found
     below_floor = similar_pairs(feats, ok, 0.96, hashes=hashes, hash_ok=ok, floor=0.9)
     assert {(i, j) for i, j, _ in below_floor} == {(1, 2)}  # only the identical embeddings
+
+
+def test_train_image_dedup_split_keeps_copies_on_one_side(characters_dir, tmp_path):
+    """`train-image --dedup-split`: exact copies never straddle the train/validation split."""
+    from museum.config import ImageConfig
+    from museum.dedup import image_groups, split_leaks
+    from museum.image.train import split_train_val
+
+    paths, labels = [], []
+    for name in ("bart", "homer"):
+        (tmp_path / name).mkdir()
+        for i, src in enumerate(sorted((characters_dir / "simpsons_small" / name).iterdir())[:8]):
+            dst = tmp_path / name / f"{i}{src.suffix}"
+            shutil.copy(src, dst)
+            paths.append(dst)
+            labels.append(name)
+            if i < 4:  # a renamed copy: a leak waiting to happen
+                copy = tmp_path / name / f"{i}_copy{src.suffix}"
+                shutil.copy(src, copy)
+                paths.append(copy)
+                labels.append(name)
+    config = ImageConfig(dedup_split=True, val_fraction=0.4, seed=3, input_size=64)
+    train_p, _, val_p, _ = split_train_val(paths, labels, config)
+    assert len(train_p) + len(val_p) == len(paths) and val_p
+    index = {p: i for i, p in enumerate(paths)}
+    groups = image_groups(paths, device="cpu")
+    assert len(groups) >= 8
+    assert not split_leaks(groups, [index[p] for p in train_p], [index[p] for p in val_p])

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from museum.data.competition import stratified_split
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.metrics import classification_metrics
@@ -39,10 +38,10 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
     torch.set_num_threads(config.threads or max(1, os.cpu_count() or 1))
     start = time.perf_counter()
     classes = sorted(set(labels))
-    if val_paths is None:  # the same seeded stratified split as fine-tuning
-        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
-        paths, labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+    if val_paths is None:  # the same seeded split as fine-tuning
+        from museum.image.train import split_train_val
+
+        paths, labels, val_paths, val_labels = split_train_val(paths, labels, config)
     val_labels = list(val_labels or [])
     unknown = sorted(set(val_labels) - set(classes))
     if unknown:

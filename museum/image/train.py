@@ -80,6 +80,25 @@ def _batches(cache: torch.Tensor, target: torch.Tensor, order: torch.Tensor, bat
         yield cache[idx], target[idx]
 
 
+def split_train_val(paths: list[Path], labels: list[str], config: ImageConfig):
+    """Seeded stratified (train paths, train labels, val paths, val labels).
+
+    With `config.dedup_split`, near-duplicate groups (`museum dedup`) are moved whole to one
+    side, so a copy of a validation image never sits in training and inflates the score.
+    """
+    if config.dedup_split:
+        from museum.dedup import image_groups, leak_free_split, split_leaks
+
+        groups = image_groups(paths, device=config.device)
+        before = split_leaks(groups, *stratified_split(labels, config.val_fraction, config.seed))
+        train_idx, val_idx = leak_free_split(labels, groups, config.val_fraction, config.seed)
+        logger.info(f"--dedup-split: {len(groups)} duplicate group(s), {len(before)} straddled the split and were moved whole")
+    else:
+        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    return ([paths[i] for i in train_idx], [labels[i] for i in train_idx],
+            [paths[i] for i in val_idx], [labels[i] for i in val_idx])
+
+
 def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val_paths: list[Path] | None,
                     val_labels: list[str] | None, out: str | Path | None, resume: bool = False) -> ImageModel:
     """Body of `ImageModel.fit`: split, decode once, fine-tune, restore the best epoch."""
@@ -93,9 +112,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     classes = sorted(set(labels))
     if val_paths is None:
-        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
-        paths, labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+        paths, labels, val_paths, val_labels = split_train_val(paths, labels, config)
     unknown = sorted(set(val_labels or []) - set(classes))
     if unknown:
         raise MuseumError(f"validation classes not in training: {', '.join(unknown[:5])}; give --val the same class folders")
