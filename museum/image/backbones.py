@@ -30,18 +30,22 @@ def list_backbones() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _replace_head(model: nn.Module, n_classes: int) -> None:
-    """Swap the last Linear layer (the ImageNet classifier) for one with `n_classes` outputs."""
+def last_linear(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the last Linear layer: the ImageNet classifier."""
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last = name
     if last is None:
-        raise MuseumError(f"backbone {type(model).__name__}: no Linear classifier head to replace; pick another --backbone")
+        raise MuseumError(f"backbone {type(model).__name__}: no Linear classifier head; pick another --backbone")
     parent_name, _, attr = last.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    setattr(parent, attr, nn.Linear(old.in_features, n_classes))
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _replace_head(model: nn.Module, n_classes: int) -> None:
+    """Swap the ImageNet classifier for a Linear layer with `n_classes` outputs."""
+    parent, attr = last_linear(model)
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, n_classes))
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

@@ -49,14 +49,10 @@ def feature_extractor(net: "nn.Module") -> "nn.Module":
     """`net` with its last Linear layer (the classifier) replaced by Identity: it returns pooled features."""
     from torch import nn
 
-    last = None
-    for name, module in net.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
-        raise MuseumError(f"backbone {type(net).__name__}: no Linear classifier to remove; pick another --backbone")
-    parent_name, _, attr = last.rpartition(".")
-    setattr(net.get_submodule(parent_name) if parent_name else net, attr, nn.Identity())
+    from museum.image.backbones import last_linear
+
+    parent, attr = last_linear(net)
+    setattr(parent, attr, nn.Identity())
     return net
 
 
