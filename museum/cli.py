@@ -233,6 +233,7 @@ def evaluate_cmd(
     blend_weight: Optional[float] = typer.Option(None, help="Override the blend weight (default 0.5, or tuned)."),
     fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all metrics as JSON here."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write report.html (+ figures) for the cascade here."),
     batch_size: int = typer.Option(64, help="Images per batch."),
     workers: int = typer.Option(2, help="DataLoader workers decoding images."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -241,7 +242,7 @@ def evaluate_cmd(
     from museum.evaluate import evaluate
 
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
-    typer.echo(evaluate(labeled, images, _model_folder(text_model), _model_folder(image_model), overrides, json_out).text)
+    typer.echo(evaluate(labeled, images, _model_folder(text_model), _model_folder(image_model), overrides, json_out, report).text)
 
 
 # ----------------------------------------------------------------------------- image

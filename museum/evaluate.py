@@ -86,8 +86,12 @@ def evaluate(
     image_model: Path | None = None,
     overrides: dict | None = None,
     json_out: Path | None = None,
+    report_dir: Path | None = None,
 ) -> EvaluateReport:
-    """Macro-F1, accuracy and per-class reports of text-only, image-only, cascade and each route."""
+    """Macro-F1, accuracy and per-class reports of text-only, image-only, cascade and each route.
+
+    With `report_dir`, also the same HTML report a training run gets, for the cascade's predictions.
+    """
     start = time.perf_counter()
     run = score_labelled(csv_path, images, text_model, image_model, overrides or {})
     y = run.labels
@@ -122,7 +126,26 @@ def evaluate(
     metrics["seconds"] = time.perf_counter() - start
     if json_out is not None:
         write_json(json_out, metrics)
-    return EvaluateReport(metrics, _format_evaluation(metrics, order, json_out))
+    text = _format_evaluation(metrics, order, json_out)
+    if report_dir is not None:
+        text += f"\nreport: {_write_report(report_dir, csv_path, run, cascade, metrics['config'])}"
+    return EvaluateReport(metrics, text)
+
+
+def _write_report(report_dir: Path, csv_path: Path, run: Labelled, cascade: list[str], config: dict) -> Path:
+    """report.html for the cascade's predictions, with each row's description and readable image as examples."""
+    from museum.data.competition import read_competition_csv
+    from museum.reports import build_report_from_predictions
+
+    table = read_competition_csv(csv_path, require_labels=True)  # labelled files are small: read the texts again
+    examples = [
+        {"guid": guid, "text": text, **({"path": str(run.setup.images / f"{guid}.jpg")} if status == "ok" else {})}
+        for guid, text, status in zip(table.guids, table.descriptions, run.scores.image_status)
+    ]
+    return build_report_from_predictions(
+        report_dir, run.labels, cascade, proba=run.result.proba, classes=run.setup.cascade.classes,
+        examples=examples, title=f"Cascade evaluation: {Path(csv_path).name}", config=config,
+    )
 
 
 def _format_evaluation(metrics: dict, order: list[str], json_out: Path | None) -> str:

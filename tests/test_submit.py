@@ -279,7 +279,9 @@ def test_both_experts_end_to_end(tmp_path, text_model_dir, image_model_dir, mult
     assert header == sorted(header) and set(image_classes) <= set(header)
 
     result = invoke("evaluate", labelled, "--text-model", text_model_dir, "--image-model", image_model_dir,
-                    "--workers", 1)
+                    "--workers", 1, "--report", tmp_path / "evaluation")
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "evaluation" / "report.html").stat().st_size > 10_000
+    assert "report:" in result.output
     for needle in ("all rows, text-only", "all rows, image-only", "all rows, cascade", "text+image rows, cascade"):
         assert needle in result.output
