@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from museum.data.competition import is_safe_id, read_competition_csv, stratified_folds, stratified_split
+from museum.data.competition import LABEL_COLUMN, is_safe_id, read_competition_csv, stratified_folds, stratified_split
+from museum.dedup import write_csv, write_csv_copy
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.utils import atomic_path, read_json, write_json
@@ -261,15 +262,6 @@ def confused_pairs(labels: list[str], oof: OutOfFold, issues: list[dict]) -> lis
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_csv(path: Path, header: list[str], rows) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-    return path
-
-
 def _issue_rows(items: AuditItems, issues: list[dict]):
     for rank, d in enumerate(issues, 1):
         i = d["index"]
@@ -282,26 +274,19 @@ def write_cleaned(items: AuditItems, issues: list[dict], action: str, out_dir: P
     """A cleaned copy in `out_dir`: flagged rows dropped, or given the suggested label. Never the input itself."""
     change = {d["index"]: d["suggested"] for d in issues}
     if items.texts is not None:
-        target = out_dir / f"{items.source.stem}.cleaned.csv"
-        if target.resolve() == items.source.resolve():
-            raise MuseumError(f"--out {out_dir}: the cleaned copy would overwrite the input {items.source}; pick another folder")
-        # Re-read the original rows so that any extra columns and their order survive unchanged.
-        with open(items.source, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            rows = list(reader)
-        with atomic_path(target) as tmp:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(header)
-                for i, row in enumerate(rows):
-                    values = dict(zip(header, row.values()))
-                    if i in change:
-                        if action == "drop":
-                            continue
-                        values["typology"] = change[i]
-                    writer.writerow([values[h] for h in header])
-        return target
+        def relabel_or_drop(header: list[str], rows: list[list[str]]):
+            col = header.index(LABEL_COLUMN)
+            for i, row in enumerate(rows):
+                row = (row + [""] * len(header))[:len(header)]  # one cell per column: short rows padded, extras cut
+                if i in change:
+                    if action == "drop":
+                        continue
+                    row[col] = change[i]
+                yield row
+
+        return write_csv_copy(items.source, out_dir / f"{items.source.stem}.cleaned.csv",
+                              f"--out {out_dir}: the cleaned copy would overwrite the input {items.source}; "
+                              "pick another folder", relabel_or_drop)
     # A folder-per-class set: a new folder of links (train-image reads it as is), so no image is copied.
     target = out_dir / "cleaned"
     staging = out_dir / ".cleaned.tmp"
@@ -352,10 +337,10 @@ def run_clean(train_csv: str | Path | None, images: str | Path | None, out: str 
         save_oof(oof, out_dir)
     issues, _ = find_issues(items.labels, oof)
     pairs = confused_pairs(items.labels, oof, issues)
-    _write_csv(out_dir / "label_issues.csv",
+    write_csv(out_dir / "label_issues.csv",
                ["rank", "line", "id", "given", "suggested", "score", "p_suggested", "description", "image"],
                _issue_rows(items, issues))
-    _write_csv(out_dir / "confused_pairs.csv", list(pairs[0]) if pairs else ["class_a", "class_b"],
+    write_csv(out_dir / "confused_pairs.csv", list(pairs[0]) if pairs else ["class_a", "class_b"],
                [list(p.values()) for p in pairs])
     page = clean_page(out_dir / "label_issues.html", items, oof, issues, pairs, top)
     cleaned = write_cleaned(items, issues, action, out_dir) if action != "report" else None

@@ -25,6 +25,17 @@ app = typer.Typer(
 DEFAULT_TEXT_MODEL = Path("models/text")
 DEFAULT_IMAGE_MODEL = Path("models/image")
 
+_MODEL_HELP = "Folder written by train-{kind} (default {default}), or `none` to go without the {kind} model."
+_IMAGES_HELP = "Folder of {guid}.jpg images (default: images/ beside the CSV, if there is one)."
+
+# Options shared by several commands: one definition each (typer reads a shared default fine).
+DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda.")
+IMAGES_OPTION = typer.Option(None, "--images", help=_IMAGES_HELP)
+TEXT_MODEL_OPTION = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL))
+IMAGE_MODEL_OPTION = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL))
+BATCH_OPTION = typer.Option(64, help="Images per batch.")
+WORKERS_OPTION = typer.Option(2, help="DataLoader workers decoding images.")
+
 
 def friendly_errors(fn: Callable) -> Callable:
     """Turn `MuseumError` (and Ctrl-C) into one line on stderr instead of a traceback."""
@@ -71,7 +82,7 @@ def train_text(
     epochs: int = typer.Option(20, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
     patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
     seed: int = typer.Option(0, help="One seed for the split, Word2Vec, torch and sklearn."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     val_fraction: float = typer.Option(0.2, help="Stratified validation share."),
     lemmatize: bool = typer.Option(False, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
     navec: bool = typer.Option(True, "--navec/--no-navec", help="Warm-start Word2Vec from navec vectors."),
@@ -130,8 +141,6 @@ def predict_text(
 
 # ----------------------------------------------------------------------------- cascade: submit, tune, evaluate
 
-_MODEL_HELP = "Folder written by train-{kind} (default {default}), or `none` to go without the {kind} model."
-_IMAGES_HELP = "Folder of {guid}.jpg images (default: images/ beside the CSV, if there is one)."
 
 
 def _model_folder(value: str) -> Optional[Path]:
@@ -168,9 +177,9 @@ def _fusion_overrides(
 @friendly_errors
 def submit_cmd(
     test_csv: Path = typer.Argument(..., help="Test CSV: guid,description[,typology]."),
-    images: Optional[Path] = typer.Option(None, "--images", help=_IMAGES_HELP),
-    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
-    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    images: Optional[Path] = IMAGES_OPTION,
+    text_model: str = TEXT_MODEL_OPTION,
+    image_model: str = IMAGE_MODEL_OPTION,
     out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission to write (guid,typology)."),
     text_threshold: Optional[float] = typer.Option(None, help="Trust text when its top probability is above this (default 0.7, or the tuned value)."),
     image_threshold: Optional[float] = typer.Option(None, help="Trust the image when its top probability is above this (default 0.7, or tuned)."),
@@ -178,9 +187,9 @@ def submit_cmd(
     fallback: Optional[str] = typer.Option(None, help="Class for rows with neither text nor image (default: most frequent training class)."),
     proba: Optional[Path] = typer.Option(None, "--proba", help="Also write per-class probabilities and each row's route here."),
     settings: Optional[Path] = typer.Option(None, "--settings", help="Tuned settings (default: fusion.json beside the model folders)."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
-    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = BATCH_OPTION,
+    workers: int = WORKERS_OPTION,
+    device: str = DEVICE_OPTION,
     chunk_size: int = typer.Option(10_000, help="Rows held in memory at a time."),
 ) -> None:
     """Write a submission: text when sure, else image when sure, else a blend; fallback for empty rows."""
@@ -195,9 +204,9 @@ def submit_cmd(
 @friendly_errors
 def tune_cmd(
     valid: Path = typer.Option(..., "--valid", help="Labelled CSV the models were not trained on."),
-    images: Optional[Path] = typer.Option(None, "--images", help=_IMAGES_HELP),
-    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
-    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    images: Optional[Path] = IMAGES_OPTION,
+    text_model: str = TEXT_MODEL_OPTION,
+    image_model: str = IMAGE_MODEL_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", help="Settings file to write (default: fusion.json beside the model folders)."),
     text_threshold: float = typer.Option(0.7, help="Default to beat: text threshold."),
     image_threshold: float = typer.Option(0.7, help="Default to beat: image threshold."),
@@ -206,9 +215,9 @@ def tune_cmd(
     folds: int = typer.Option(5, help="Cross-validation folds that estimate the gain of tuning."),
     min_gain: float = typer.Option(0.005, help="Out-of-fold macro-F1 gain needed to leave the defaults."),
     seed: int = typer.Option(0, help="Seed of the folds."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
-    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = BATCH_OPTION,
+    workers: int = WORKERS_OPTION,
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Search thresholds and blend weight for macro-F1 on a labelled set; save them for submit."""
     from museum.evaluate import tune
@@ -225,18 +234,18 @@ def tune_cmd(
 @friendly_errors
 def evaluate_cmd(
     labeled: Path = typer.Argument(..., help="Labelled CSV: guid,description,typology."),
-    images: Optional[Path] = typer.Option(None, "--images", help=_IMAGES_HELP),
-    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
-    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    images: Optional[Path] = IMAGES_OPTION,
+    text_model: str = TEXT_MODEL_OPTION,
+    image_model: str = IMAGE_MODEL_OPTION,
     text_threshold: Optional[float] = typer.Option(None, help="Override the text threshold (default 0.7, or tuned)."),
     image_threshold: Optional[float] = typer.Option(None, help="Override the image threshold (default 0.7, or tuned)."),
     blend_weight: Optional[float] = typer.Option(None, help="Override the blend weight (default 0.5, or tuned)."),
     fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all metrics as JSON here."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write report.html (+ figures) for the cascade here."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
-    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = BATCH_OPTION,
+    workers: int = WORKERS_OPTION,
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Macro-F1, accuracy and per-class reports: text-only, image-only, cascade and each route."""
     from museum.evaluate import evaluate
@@ -279,7 +288,7 @@ def train_image(
     threads: int = typer.Option(0, help="torch CPU threads; 0 = CPUs per process."),
     cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
     seed: int = typer.Option(0, help="One seed for the split, initialisation, sampling and augmentation."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     val_fraction: float = typer.Option(0.2, help="Stratified validation share when --val is not given."),
     dedup_split: bool = typer.Option(False, "--dedup-split", help="Keep near-duplicate images on one side of the split (no leak into validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
@@ -348,7 +357,7 @@ def embed_cmd(
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each image's features with its mirror's (as train-image --head)."),
     workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Write pooled backbone features of an image set (features, labels, paths, settings) to one .npz."""
     from museum.image.embed import embed_folder
@@ -373,7 +382,7 @@ def predict_image(
     paths: list[Path] = typer.Argument(..., help="One or more image files."),
     model: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--model", help="Folder written by train-image."),
     top: int = typer.Option(3, help="How many classes to show."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Print the most probable classes of images (unreadable files are reported, not fatal)."""
     from museum.image.model import ImageModel
@@ -417,15 +426,15 @@ def predict_image(
 @app.command("serve")
 @friendly_errors
 def serve_cmd(
-    text_model: str = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL)),
-    image_model: str = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL)),
+    text_model: str = TEXT_MODEL_OPTION,
+    image_model: str = IMAGE_MODEL_OPTION,
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default is reachable from this machine only."),
     port: int = typer.Option(8000, help="TCP port."),
     settings: Optional[Path] = typer.Option(None, "--settings", help="Tuned settings (default: fusion.json beside the model folders)."),
     max_upload_mb: int = typer.Option(12, help="Largest request body for a photo + description, in MB."),
     max_csv_mb: int = typer.Option(50, help="Largest CSV upload for a submission, in MB."),
     timeout: float = typer.Option(30.0, help="Seconds a request may take before it is answered 504."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request."),
 ) -> None:
     """Serve a page and a JSON API (/predict, /submit, /models, /health) over the trained models."""

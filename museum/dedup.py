@@ -26,7 +26,7 @@ import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -79,11 +79,11 @@ def load_dedup_items(path: str | Path, images: str | Path | None = None) -> Dedu
             if not paths:
                 raise MuseumError(f"{path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
         return DedupItems(path, [p.relative_to(path).as_posix() for p in paths], paths, labels)
-    from museum.reports.eda import _read_labels
+    from museum.reports.eda import read_labels
 
     table = read_competition_csv(path)
     # Labels are optional here (a test file has none): only conflicts need them.
-    items = DedupItems(path, table.guids, None, _read_labels(path, len(table)), table.descriptions, table.lines)
+    items = DedupItems(path, table.guids, None, read_labels(path, len(table)), table.descriptions, table.lines)
     if images is not None:
         root = Path(images)
         if not root.is_dir():
@@ -326,31 +326,40 @@ def _keep_groups(groups: list[dict], with_images: bool) -> list[dict]:
     return [g for g in groups if g["kind"] != "text"] if with_images else groups
 
 
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A UTF-8 CSV written atomically: `header`, then `rows`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return path
+
+
+def write_csv_copy(source: Path, target: Path, overwrite_error: str,
+                   select: Callable[[list[str], list[list[str]]], Iterable[Sequence]]) -> Path:
+    """`target`: the header of the CSV `source` and the rows `select(header, rows)` makes of its data rows.
+
+    The original rows are re-read so that any extra columns and their order survive unchanged (blank
+    lines skipped, as the competition reader does). Refuses, with `overwrite_error`, to write over `source`."""
+    if target.resolve() == source.resolve():
+        raise MuseumError(overwrite_error)
+    with open(source, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        rows = [r for r in reader if any(cell.strip() for cell in r)]
+    return write_csv(target, header, select(header, rows))
+
+
 def write_kept(items: DedupItems, keep: np.ndarray, out_dir: Path) -> Path:
     """The deduplicated CSV (original columns, kept rows) or, for a folder, a path,label file list."""
     if items.texts is not None:
-        target = out_dir / f"{items.source.stem}.dedup.csv"
-        if target.resolve() == items.source.resolve():
-            raise MuseumError(f"--out {out_dir}: the deduplicated copy would overwrite the input {items.source}")
-        with open(items.source, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader)
-            rows = [r for r in reader if any(cell.strip() for cell in r)]
         keep_set = set(keep.tolist())
-        with atomic_path(target) as tmp:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow([h.strip() for h in header])
-                writer.writerows(r for i, r in enumerate(rows) if i in keep_set)
-        return target
-    target = out_dir / "kept.csv"
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            for i in keep:
-                writer.writerow([str(items.paths[i]), items.labels[i] if items.labels else ""])
-    return target
+        return write_csv_copy(items.source, out_dir / f"{items.source.stem}.dedup.csv",
+                              f"--out {out_dir}: the deduplicated copy would overwrite the input {items.source}",
+                              lambda header, rows: (r for i, r in enumerate(rows) if i in keep_set))
+    return write_csv(out_dir / "kept.csv", ["path", "label"],
+                     ([str(items.paths[i]), items.labels[i] if items.labels else ""] for i in keep))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -414,14 +423,10 @@ def run_dedup(path: str | Path, images: str | Path | None = None, out: str | Pat
 
 
 def _write_groups(path: Path, items: DedupItems, groups: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["group", "kind", "similarity", "conflicting", "row", "id", "label", "image", "description"])
-            for g in groups:
-                for i in g["members"]:
-                    writer.writerow([g["group"], g["kind"], f"{g['similarity']:.4f}", int(g["conflicting"]),
-                                     items.lines[i] if items.lines else i, items.names[i],
-                                     items.labels[i] if items.labels else "",
-                                     str(items.paths[i]) if items.paths is not None and items.paths[i] is not None else "",
-                                     items.texts[i] if items.texts is not None and g["kind"] == "text" else ""])
+    write_csv(path, ["group", "kind", "similarity", "conflicting", "row", "id", "label", "image", "description"],
+              ([g["group"], g["kind"], f"{g['similarity']:.4f}", int(g["conflicting"]),
+                items.lines[i] if items.lines else i, items.names[i],
+                items.labels[i] if items.labels else "",
+                str(items.paths[i]) if items.paths is not None and items.paths[i] is not None else "",
+                items.texts[i] if items.texts is not None and g["kind"] == "text" else ""]
+               for g in groups for i in g["members"]))

@@ -119,9 +119,8 @@ def evaluate(
         "availability": dict(availability_counts(run.scores)),
         "all_rows": measure(everything),
         "both_modalities": measure(both),
-        "routes": {r: classification_metrics([y[i] for i in np.flatnonzero(routes == r)],
-                                             [cascade[i] for i in np.flatnonzero(routes == r)])
-                   for r in ROUTES if (routes == r).any()},
+        "routes": {r: classification_metrics([y[i] for i in idx], [cascade[i] for i in idx])
+                   for r in ROUTES if (idx := np.flatnonzero(routes == r)).size},
     }
     metrics["seconds"] = time.perf_counter() - start
     if json_out is not None:
@@ -189,7 +188,8 @@ def tune(
     run = score_labelled(valid_csv, images, text_model, image_model, overrides or {}, use_saved_settings=False)
     classes = run.setup.cascade.classes
     label_space = classes + sorted(set(run.labels) - set(classes))
-    y = np.array([label_space.index(c) for c in run.labels])
+    index = {c: i for i, c in enumerate(label_space)}
+    y = np.array([index[c] for c in run.labels])
     result = tune_cascade(
         run.scores.text_p, run.scores.image_p, run.scores.has_text, run.scores.has_image,
         y, classes, run.setup.cascade.fallback, run.setup.config,
@@ -205,7 +205,7 @@ def tune(
         classes=classes,
         fallback_source=run.setup.fallback_source,
         tuned_on={"file": str(valid_csv), "rows": len(y), "availability": dict(availability_counts(run.scores))},
-        tuning={k: v for k, v in asdict(result).items()},
+        tuning=asdict(result),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     counts = Counter(ROUTES[r] for r in run.result.routes)

@@ -232,9 +232,3 @@ def check_submission(path: Path, sample: Path, classes: list[str] | None = None)
             problems.append(f"unknown class names: {unknown}")
     return problems
 
-
-def predicted_counts(path: Path) -> Counter:
-    """How often each class was predicted in a submission file."""
-    with open(path, encoding="utf-8", newline="") as f:
-        return Counter(row["typology"] for row in csv.DictReader(f))
-

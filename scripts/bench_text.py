@@ -88,7 +88,7 @@ def run_model(name, make, table, folds, extra):
         if hasattr(model, "blend_weight_"):
             fold_info["blend_weight"] = model.blend_weight_
             fold_info["best_epoch"] = model.best_epoch_
-            lstm_p, tfidf_p = model._expert_probas(test.descriptions)
+            lstm_p, tfidf_p = model.expert_probas(test.descriptions)
             fold_info["lstm_macro_f1"] = classification_metrics(test.labels, [model.classes_[i] for i in lstm_p.argmax(1)])["macro_f1"]
             if tfidf_p is not None:
                 fold_info["tfidf_macro_f1"] = classification_metrics(test.labels, [model.classes_[i] for i in tfidf_p.argmax(1)])["macro_f1"]

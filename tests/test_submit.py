@@ -20,12 +20,6 @@ runner = CliRunner()
 
 
 def invoke(*args: str):
-    # setup_logging binds its handler to the stderr of the first CliRunner call, which is
-    # closed afterwards; drop it so each call logs to its own captured stderr.
-    from museum.log import logger
-
-    for handler in [h for h in logger.handlers if getattr(h, "_museum", False)]:
-        logger.removeHandler(handler)
     result = runner.invoke(app, [str(a) for a in args])
     assert "Traceback" not in result.output, result.output
     return result

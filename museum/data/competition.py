@@ -140,9 +140,8 @@ def iter_competition_chunks(
 def read_competition_csv(path: str | Path, require_labels: bool = False) -> CompetitionTable:
     """Read a whole competition CSV; with `require_labels`, warn about conflicting duplicates."""
     path = Path(path)
-    table = CompetitionTable(path, [], [], [] if require_labels else None, [])
-    for chunk in iter_competition_chunks(path, chunk_size=1 << 30, require_labels=require_labels):
-        table = chunk
+    # One chunk as large as any file; the iterator raises on a file without rows.
+    table = next(iter_competition_chunks(path, chunk_size=1 << 62, require_labels=require_labels))
     if require_labels:
         n_conflicts, n_rows = conflicting_descriptions(table)
         if n_conflicts:

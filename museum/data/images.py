@@ -27,6 +27,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from museum.data.competition import is_safe_id, read_competition_csv
 from museum.errors import MuseumError
 from museum.log import logger
+from museum.utils import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Refuse anything above 64 megapixels (an 8k x 8k photo): decoding it would take ~200 MB and
@@ -144,10 +145,6 @@ class ImageItems:
     labels: list[str]
     skipped: Counter = field(default_factory=Counter)
 
-    def subset(self, idx) -> "ImageItems":
-        idx = [int(i) for i in idx]
-        return ImageItems([self.paths[i] for i in idx], [self.labels[i] for i in idx])
-
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -248,8 +245,6 @@ class DecodeDataset(torch.utils.data.Dataset):
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from museum.utils import atomic_path
-
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:

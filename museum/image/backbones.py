@@ -30,12 +30,18 @@ def list_backbones() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def last_linear(model: nn.Module) -> tuple[nn.Module, str]:
-    """(parent module, attribute name) of the last Linear layer: the ImageNet classifier."""
+def _last_linear_name(model: nn.Module) -> str | None:
+    """Qualified name of the last Linear layer, or None when there is none."""
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last = name
+    return last
+
+
+def last_linear(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the last Linear layer: the ImageNet classifier."""
+    last = _last_linear_name(model)
     if last is None:
         raise MuseumError(f"backbone {type(model).__name__}: no Linear classifier head; pick another --backbone")
     parent_name, _, attr = last.rpartition(".")
@@ -50,10 +56,7 @@ def _replace_head(model: nn.Module, n_classes: int) -> None:
 
 def head_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters of the (replaced) classifier head: trained while the backbone is frozen."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
+    last = _last_linear_name(model)
     return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()} if last else set()
 
 

@@ -51,14 +51,18 @@ def one_vs_rest(items: ImageItems | None, positive: str) -> ImageItems | None:
     return ImageItems(items.paths, [l if l == positive else rest for l in items.labels], items.skipped)
 
 
+def _logit_shift(p: np.ndarray, threshold: float, sign: float) -> np.ndarray:
+    """sigmoid(logit(p) + sign·logit(threshold)), the threshold kept inside (0, 1)."""
+    t = min(max(threshold, 1e-6), 1 - 1e-6)
+    return 1 / (1 + np.exp(-(np.log(p / (1 - p)) + sign * np.log(t / (1 - t)))))
+
+
 def shift_proba(proba: np.ndarray, pos: int, threshold: float) -> np.ndarray:
     """Probabilities with the positive column moved on the logit scale so that `threshold` → 0.5.
 
     Monotone, so rankings, ROC and PR are unchanged; only which side of 0.5 a row falls changes.
     """
-    p = np.clip(proba[:, pos].astype(np.float64), 1e-7, 1 - 1e-7)
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    shifted = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - np.log(t / (1 - t)))))
+    shifted = _logit_shift(np.clip(proba[:, pos].astype(np.float64), 1e-7, 1 - 1e-7), threshold, -1.0)
     out = np.empty_like(proba)
     out[:, pos], out[:, 1 - pos] = shifted, 1 - shifted
     return out
@@ -66,9 +70,7 @@ def shift_proba(proba: np.ndarray, pos: int, threshold: float) -> np.ndarray:
 
 def unshift_score(shifted: np.ndarray, threshold: float) -> np.ndarray:
     """The raw positive probability behind a shifted one (inverse of `shift_proba`'s column)."""
-    p = np.clip(np.asarray(shifted, dtype=np.float64), 1e-12, 1 - 1e-12)
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    return 1 / (1 + np.exp(-(np.log(p / (1 - p)) + np.log(t / (1 - t)))))
+    return _logit_shift(np.clip(np.asarray(shifted, dtype=np.float64), 1e-12, 1 - 1e-12), threshold, 1.0)
 
 
 def choose_threshold(y: np.ndarray, score: np.ndarray, target_precision: float | None = None) -> tuple[float, str]:

@@ -24,6 +24,7 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
                    val_labels: list[str] | None, out: str | Path | None = None, resume: bool = False):
     from museum.image.embed import embed_spec, load_or_embed, resolve_input_size
     from museum.image.heads import HEADS, describe, fit_head
+    from museum.image.train import split_train_val, val_prediction_rows
 
     config = model.config
     if config.head not in HEADS[1:]:
@@ -39,8 +40,6 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
     start = time.perf_counter()
     classes = sorted(set(labels))
     if val_paths is None:  # the same seeded split as fine-tuning
-        from museum.image.train import split_train_val
-
         paths, labels, val_paths, val_labels = split_train_val(paths, labels, config)
     val_labels = list(val_labels or [])
     unknown = sorted(set(val_labels) - set(classes))
@@ -74,11 +73,7 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
         pred = [classes[int(j)] for j in proba.argmax(1)]
         report["validation"] = classification_metrics(truth, pred, labels=classes)
         report["best_metric"] = model.metric = report["validation"]["macro_f1"]
-        report["val_predictions"] = [
-            {"path": str(Path(val_paths[i]).resolve()), "true": t, "pred": p_label, "confidence": float(p.max()),
-             "loss": float(-np.log(max(float(p[col[t]]), 1e-9))), "proba": [float(v) for v in p]}
-            for i, t, p_label, p in zip(keep_va, truth, pred, proba)
-        ]
+        report["val_predictions"] = val_prediction_rows(val_paths, keep_va, [col[t] for t in truth], proba, classes)
     report["seconds"] = round(time.perf_counter() - start, 2)
     model.report_ = report
     if out is not None:

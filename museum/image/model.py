@@ -85,12 +85,13 @@ class ImageModel:
             raise MuseumError("image model is not trained; call fit() or ImageModel.load(folder) first")
         return self.net
 
+    def _norm_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation mean and std as tensors on the model's device (built once per call, not per batch)."""
+        return torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
+
     @torch.no_grad()
-    def _proba_uint8(self, batch: torch.Tensor) -> np.ndarray:
+    def _proba_uint8(self, batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
         net = self._check_fitted()
-        net.eval()
-        mean = torch.tensor(self.mean, device=self.device)
-        std = torch.tensor(self.std, device=self.device)
         x = normalize(batch.to(self.device), mean, std)
         logits = net(x).float()
         if self.config.tta:  # the mirror view, as validation scored it
@@ -108,12 +109,13 @@ class ImageModel:
 
     def predict_proba(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
         """Probabilities (n, len(classes_)) for PIL images of any mode and size."""
-        self._check_fitted()
+        self._check_fitted().eval()
+        mean, std = self._norm_stats()
         out = np.zeros((len(images), len(self.classes_)), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = torch.stack([image_to_tensor(to_rgb(img), self.input_size) for img in chunk])
-            out[start:start + len(chunk)] = self._proba_uint8(batch)
+            out[start:start + len(chunk)] = self._proba_uint8(batch, mean, std)
         return out
 
     def predict_paths(self, paths: list[Path | None], batch_size: int = 64,
@@ -122,14 +124,15 @@ class ImageModel:
 
         Files are decoded by the same safe decoder, in DataLoader worker processes.
         """
-        self._check_fitted()
+        self._check_fitted().eval()
+        mean, std = self._norm_stats()
         proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
         ok = np.zeros(len(paths), dtype=bool)
         for batch in decode_loader(list(paths), self.input_size, batch_size, num_workers):
             good = [(i, t) for i, t, _ in batch if t is not None]
             if good:
                 rows = [i for i, _ in good]
-                proba[rows] = self._proba_uint8(torch.stack([t for _, t in good]))
+                proba[rows] = self._proba_uint8(torch.stack([t for _, t in good]), mean, std)
                 ok[rows] = True
         return proba, ok
 

@@ -21,7 +21,7 @@ from museum.data.competition import stratified_split
 from museum.data.images import (decode_cache, default_workers, list_competition_images, list_image_folder,
                                 probe_median_side)
 from museum.engine import (DistInfo, Loop, MixedLoss, WeightEMA, all_gather_objects, cleanup_distributed, fit, run_validation,
-                           setup_distributed, warmup_cosine)
+                           setup_distributed, unwrap, warmup_cosine)
 from museum.errors import MuseumError
 from museum.image.augment import augment, normalize
 from museum.image.backbones import head_parameter_names
@@ -137,8 +137,9 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     val_index = va[va_keep]
     y_val = np.array([col[val_labels[i]] for i in val_index], dtype=np.int64)
     n_local = len(y_train)
-    per_rank = max(all_gather_objects(n_local, info))
-    if min(all_gather_objects(n_local, info)) < 2:
+    local_counts = all_gather_objects(n_local, info)
+    per_rank = max(local_counts)
+    if min(local_counts) < 2:
         raise MuseumError("fewer than 2 readable training images (per process); add images or use fewer processes")
 
     net = model.net.to(device)
@@ -188,12 +189,9 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     def set_frozen(frozen: bool) -> None:
         if info.enabled:
             return  # DDP: the zero learning rate above does the freezing
-        for name, p in unwrap_net().named_parameters():
+        for name, p in unwrap(net).named_parameters():
             if name not in fixed:
                 p.requires_grad_(not frozen or name in head)
-
-    def unwrap_net():
-        return net.module if info.enabled else net
 
     def to_device_layout(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if device.startswith("cpu") else x
@@ -215,7 +213,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     )
     best = fit(loop, resume=resume)
     set_frozen(False)
-    model.net, model.device = unwrap_net(), device
+    model.net, model.device = unwrap(net), device
     model.epoch, model.metric = best["best_epoch"], best["best_metric"]
     val, outputs = run_validation(loop)
     model.report_ = _report(val, outputs, val_paths, classes, loop.history, best)
@@ -227,14 +225,19 @@ def _report(val, outputs, val_paths, classes, history, best) -> dict:
     report = {"best_epoch": best["best_epoch"], "best_metric": best["best_metric"], "history": history,
               "validation": val, "val_predictions": []}
     if outputs is not None:
-        proba = outputs["logits"].softmax(1).numpy()
-        report["val_predictions"] = [
-            {"path": str(Path(val_paths[i]).resolve()), "true": classes[t], "pred": classes[int(p.argmax())],
-             "confidence": float(p.max()), "loss": float(-np.log(max(float(p[t]), 1e-9))),
-             "proba": [float(v) for v in p]}  # every class's probability: ROC/PR analysis needs them
-            for i, t, p in zip(outputs["index"], outputs["target"], proba)
-        ]
+        report["val_predictions"] = val_prediction_rows(val_paths, outputs["index"], outputs["target"],
+                                                        outputs["logits"].softmax(1).numpy(), classes)
     return report
+
+
+def val_prediction_rows(val_paths, index, target, proba: np.ndarray, classes: list[str]) -> list[dict]:
+    """metrics.json's per-image validation rows: `index` picks the path, `target` is the true class index."""
+    return [
+        {"path": str(Path(val_paths[i]).resolve()), "true": classes[t], "pred": classes[int(p.argmax())],
+         "confidence": float(p.max()), "loss": float(-np.log(max(float(p[t]), 1e-9))),
+         "proba": [float(v) for v in p]}  # every class's probability: ROC/PR analysis needs them
+        for i, t, p in zip(index, target, proba)
+    ]
 
 
 def load_items(images: Path, train_csv: Path | None):
@@ -257,14 +260,15 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
     positive = resolve_positive(items.labels, config.positive)  # None: a many-class task
     if positive is not None:
         items, val_items = one_vs_rest(items, positive), one_vs_rest(val_items, positive)
+    wanted = config_to_dict(config)
     if resume:
         saved = read_json(out / "config.json")
-        if saved != config_to_dict(config):
-            changed = sorted(k for k in saved if saved.get(k) != config_to_dict(config).get(k))
+        if saved != wanted:
+            changed = sorted(k for k in saved if saved.get(k) != wanted.get(k))
             raise MuseumError(f"--resume: options differ from {out / 'config.json'} ({', '.join(changed)}); "
                               "pass the same options or drop --resume")
     elif (os.environ.get("RANK", "0") == "0"):
-        write_json(out / "config.json", config_to_dict(config))
+        write_json(out / "config.json", wanted)
     model = ImageModel(config)
     try:
         model.fit(items.paths, items.labels, val_items.paths if val_items else None,

@@ -73,7 +73,7 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
         labels, image_paths = items.labels, [str(p) for p in items.paths]
     else:
         table = read_competition_csv(path)
-        texts, labels = table.descriptions, _read_labels(path, len(table))
+        texts, labels = table.descriptions, read_labels(path, len(table))
         folder = Path(images) if images is not None else path.parent / "images"
         if images is not None and not folder.is_dir():
             raise MuseumError(f"--images {folder}: not a folder; give the folder holding {{guid}}.jpg files")
@@ -105,7 +105,7 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
 # ----------------------------------------------------------------------------- labels and text
 
 
-def _read_labels(path: Path, n_rows: int) -> list[str] | None:
+def read_labels(path: Path, n_rows: int) -> list[str] | None:
     """The typology column (blank for unlabelled rows), or None when the file has no such column.
 
     `read_competition_csv` has validated the file already; this pass only picks the column.

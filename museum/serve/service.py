@@ -96,8 +96,7 @@ class Predictor:
         experts.text = LockedModel(experts.text) if experts.text is not None else None
         experts.image = LockedModel(experts.image) if experts.image is not None else None
         # Uploaded CSVs come without images; chunks of 500 rows give steady progress.
-        self.setup: RunSetup = replace(setup, images=None, config=replace(setup.config, chunk_size=500, workers=0))
-        self.cascade = setup.cascade
+        self.setup: RunSetup = replace(setup, images=None, config=replace(setup.config, chunk_size=500))
         self.versions = {
             kind: file_version(folder / name)
             for kind, folder, name in (("text", experts.text_dir, "text_model.pt"), ("image", experts.image_dir, "best.pt"))
@@ -121,7 +120,7 @@ class Predictor:
         description = (description or "").strip()
         if len(description) > MAX_DESCRIPTION_CHARS:
             raise InputError(f"description: {len(description)} characters, limit {MAX_DESCRIPTION_CHARS}; shorten it")
-        experts, warnings = self.experts, []
+        experts, cascade, warnings = self.experts, self.setup.cascade, []
         if description and experts.text is None:
             warnings.append("no text model loaded: the description was not used")
             description = ""
@@ -138,11 +137,11 @@ class Predictor:
         if image is not None:
             picture = self.decode(image)
             image_p = align(experts.image.predict_proba([picture]), experts.image.classes_, experts.classes)
-        result = self.cascade.combine(text_p, image_p, np.array([bool(description)]), np.array([image is not None]))
+        result = cascade.combine(text_p, image_p, np.array([bool(description)]), np.array([image is not None]))
         proba = result.proba[0]
         order = np.argsort(-proba, kind="stable")
         return Prediction(
-            typology=self.cascade.classes[result.pred[0]],
+            typology=cascade.classes[result.pred[0]],
             route=ROUTES[result.routes[0]],
             classes=[experts.classes[j] for j in order],
             probabilities=[round(float(proba[j]), 6) for j in order],

@@ -60,7 +60,7 @@ class TextModel:
         unseen = sorted(set(val_labels) - set(index_of))
         if unseen:
             raise MuseumError(f"validation labels not in training: {', '.join(unseen)}")
-        tokenizer = Tokenizer(cfg.lemmatize)
+        self._tokenizer = tokenizer = Tokenizer(cfg.lemmatize)
         train_tokens = [tokenizer(t) for t in texts]
         val_tokens = [tokenizer(t) for t in val_texts]
         extra_tokens = [tokenizer(t) for t in unlabeled_texts if t.strip()]
@@ -96,7 +96,7 @@ class TextModel:
         self.blend_weight_ = 1.0
         # Validation probabilities as the experts stand before any refit: for the blend
         # choice and for honest validation metrics.
-        self.val_probas_ = self._expert_probas(val_texts)
+        self.val_probas_ = self.expert_probas(val_texts)
         if self.tfidf_ is not None:
             self.blend_weight_ = cfg.blend_weight if cfg.blend_weight is not None else self._choose_blend(y_val)
             if cfg.tfidf_refit:
@@ -114,16 +114,16 @@ class TextModel:
         neighbouring weights and both experts always keep a say.
         """
         lstm_p, tfidf_p = self.val_probas_
-        raw = np.array([macro_f1(y_val.tolist(), (w * lstm_p + (1 - w) * tfidf_p).argmax(1).tolist()) for w in BLEND_GRID])
+        raw = np.array([macro_f1(y_val.tolist(), self.blend(lstm_p, tfidf_p, w).argmax(1).tolist()) for w in BLEND_GRID])
         smooth = np.convolve(np.pad(raw, 1, mode="edge"), np.ones(3) / 3, mode="valid")
         allowed = (BLEND_GRID >= BLEND_RANGE[0] - 1e-9) & (BLEND_GRID <= BLEND_RANGE[1] + 1e-9)
         self.blend_scores_ = {f"{w:.2f}": float(f) for w, f in zip(BLEND_GRID, raw)}
         return float(BLEND_GRID[allowed][int(np.argmax(smooth[allowed]))])
 
     # -------------------------------------------------------------------------- predict
-    def _expert_probas(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        tokenizer = Tokenizer(self.config.lemmatize)
-        ids, lengths = encode([tokenizer(t) for t in texts], self._index, self.config.max_len)
+    def expert_probas(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(BiLSTM probabilities, TF-IDF probabilities or None), each in `classes_` order."""
+        ids, lengths = encode([self._tokenizer(t) for t in texts], self._index, self.config.max_len)
         lstm_p = softmax(predict_logits(self.lstm_, ids, lengths, self.device) * self.lstm_temperature_)
         tfidf_p = self.tfidf_.predict_proba(texts) if self.tfidf_ is not None else None
         return lstm_p, tfidf_p
@@ -133,10 +133,13 @@ class TextModel:
         texts = list(texts)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        lstm_p, tfidf_p = self._expert_probas(texts)
+        return self.blend(*self.expert_probas(texts))
+
+    def blend(self, lstm_p: np.ndarray, tfidf_p: np.ndarray | None, weight: float | None = None) -> np.ndarray:
+        """`weight · lstm + (1 − weight) · tfidf` (default weight: the fitted `blend_weight_`)."""
         if tfidf_p is None:
             return lstm_p
-        w = self.blend_weight_
+        w = self.blend_weight_ if weight is None else weight
         return (w * lstm_p + (1 - w) * tfidf_p).astype(np.float32)
 
     def predict(self, texts: list[str]) -> list[str]:
@@ -187,6 +190,7 @@ class TextModel:
             model.blend_weight_ = float(checkpoint["blend_weight"])
             model.lstm_temperature_ = float(checkpoint["lstm_temperature"])
             model.best_epoch_ = int(checkpoint["best_epoch"])
+            model._tokenizer = Tokenizer(model.config.lemmatize)
             model.vocab_ = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             model._index = {w: i for i, w in enumerate(model.vocab_)}
             rows, dim = checkpoint["embedding_shape"]

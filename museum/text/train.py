@@ -40,8 +40,7 @@ def train_text_model(
     # The TF-IDF expert is refit on train + validation at the end of `fit`; score the
     # validation rows with the experts as they were before that, or the numbers would leak.
     lstm_p, tfidf_p = model.val_probas_
-    w = model.blend_weight_
-    proba = lstm_p if tfidf_p is None else w * lstm_p + (1 - w) * tfidf_p
+    proba = model.blend(lstm_p, tfidf_p)
     classes = model.classes_
     predicted = [classes[i] for i in proba.argmax(1)]
     metrics = classification_metrics(val.labels, predicted, sorted(set(val.labels)))
