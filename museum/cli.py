@@ -87,14 +87,17 @@ def train_text(
     lemmatize: bool = typer.Option(False, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
     navec: bool = typer.Option(True, "--navec/--no-navec", help="Warm-start Word2Vec from navec vectors."),
     tfidf: bool = typer.Option(True, "--tfidf/--no-tfidf", help="Blend in the TF-IDF linear expert."),
+    vectors_weight: float = typer.Option(
+        0.2, min=0.0, max=1.0, help="Weight of the navec word-vector expert in the blend; 0 leaves it out."
+    ),
     blend_weight: str = typer.Option(
-        "0.5", help="LSTM weight in the blend (0..1), or `auto` to choose it on validation macro-F1."
+        "0.2", help="BiLSTM weight in the blend (0..1; TF-IDF gets the rest), or `auto` to choose it on validation."
     ),
     batch_size: int = typer.Option(64, help="BiLSTM batch size."),
     hidden: int = typer.Option(64, help="BiLSTM hidden units per direction."),
     lr: float = typer.Option(2e-3, help="AdamW learning rate."),
 ) -> None:
-    """Train the text expert (Word2Vec + BiLSTM, blended with TF-IDF) on descriptions."""
+    """Train the text expert (Word2Vec + BiLSTM, blended with TF-IDF and word-vector experts) on descriptions."""
     from museum.config import TextConfig
     from museum.text.train import train_text_model
 
@@ -104,7 +107,7 @@ def train_text(
     config = TextConfig(
         seed=seed, val_fraction=val_fraction, device=device, lemmatize=lemmatize, navec=navec,
         epochs=epochs, patience=patience, batch_size=batch_size, hidden=hidden, lr=lr,
-        tfidf=tfidf, blend_weight=weight,
+        tfidf=tfidf, vectors_weight=vectors_weight, blend_weight=weight,
     )
     train_text_model(train, out, config, unlabeled=list(unlabeled or []))
 

@@ -48,13 +48,16 @@ class TextConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     freeze_embeddings_epochs: int = 2
-    # TF-IDF expert and the blend
+    # TF-IDF expert, word-vector expert and the blend
     tfidf: bool = True
     tfidf_c: float = 0.2
-    tfidf_refit: bool = True  # refit the TF-IDF expert on train + validation once the blend is chosen
-    # LSTM weight in the blend; None = chosen on validation. A fixed 0.5 is the default because
-    # the per-run choice on a few hundred validation rows was measured to be noise (see bench_text).
-    blend_weight: float | None = 0.5
+    tfidf_refit: bool = True  # refit the linear experts on train + validation once the blend is chosen
+    vectors_weight: float = 0.2  # weight of the navec word-vector expert in the blend; 0 = no such expert
+    vectors_c: float = 0.03
+    # BiLSTM weight in the (geometric) blend, TF-IDF gets the rest; None = chosen on validation.
+    # Fixed by default: the per-run choice on a few hundred validation rows was measured to be
+    # noise (see bench_text).
+    blend_weight: float | None = 0.2
 
 
 @dataclass

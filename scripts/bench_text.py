@@ -85,13 +85,11 @@ def run_model(name, make, table, folds, extra):
         scores.append(m["macro_f1"])
         accs.append(m["accuracy"])
         fold_info = {"fold": k, "macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "fit_seconds": fit_s[-1]}
-        if hasattr(model, "blend_weight_"):
-            fold_info["blend_weight"] = model.blend_weight_
+        if hasattr(model, "blend_weights_"):
+            fold_info.update({f"weight_{k}": w for k, w in model.blend_weights_.items()})
             fold_info["best_epoch"] = model.best_epoch_
-            lstm_p, tfidf_p = model.expert_probas(test.descriptions)
-            fold_info["lstm_macro_f1"] = classification_metrics(test.labels, [model.classes_[i] for i in lstm_p.argmax(1)])["macro_f1"]
-            if tfidf_p is not None:
-                fold_info["tfidf_macro_f1"] = classification_metrics(test.labels, [model.classes_[i] for i in tfidf_p.argmax(1)])["macro_f1"]
+            for expert, p in model.expert_probas(test.descriptions).items():
+                fold_info[f"{expert}_macro_f1"] = classification_metrics(test.labels, [model.classes_[i] for i in p.argmax(1)])["macro_f1"]
         per_fold.append(fold_info)
         print(f"  {name} fold {k}: macro-F1 {m['macro_f1']:.4f}  " + " ".join(
             f"{key}={value:.3f}" for key, value in fold_info.items() if key not in ("fold", "macro_f1", "accuracy") and isinstance(value, float)), flush=True)
@@ -121,7 +119,7 @@ def main() -> None:
     default_config = replace(TextConfig(seed=args.seed), **parse_overrides(args.overrides))
     makers = {
         "baseline": Baseline,
-        "plain": lambda: TextModel(replace(TextConfig(seed=args.seed), navec=False, tfidf=False)),
+        "plain": lambda: TextModel(replace(TextConfig(seed=args.seed), navec=False, tfidf=False, vectors_weight=0.0)),
         "default": lambda: TextModel(default_config),
     }
     results = {}

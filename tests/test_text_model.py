@@ -41,7 +41,8 @@ def test_probabilities_follow_classes(fitted, split):
     assert proba.shape == (len(val), len(fitted.classes_))
     assert np.allclose(proba.sum(1), 1, atol=1e-4)
     assert fitted.classes_ == sorted(fitted.classes_)
-    assert 0.0 <= fitted.blend_weight_ <= 1.0
+    assert set(fitted.blend_weights_) == {"lstm", "tfidf", "vectors"}  # navec ships with the dev install
+    assert abs(sum(fitted.blend_weights_.values()) - 1.0) < 1e-9
     accuracy = np.mean(np.array(fitted.predict(val.descriptions)) == np.array(val.labels))
     assert accuracy > 0.5  # far above the ~16% of always predicting the largest class
 
@@ -85,7 +86,8 @@ def test_cli_train_and_predict(slice_table, tmp_path):
                                  "--hidden", "32", "--seed", "1"])
     assert result.exit_code == 0, result.output
     assert "val macro-F1" in result.output
-    for name in ("text_model.pt", "vocab.json", "word_vectors.npy", "config.json", "metrics.json", "summary.csv"):
+    for name in ("text_model.pt", "vocab.json", "word_vectors.npy", "tfidf.npz", "vectors.npz", "config.json", "metrics.json",
+                 "summary.csv"):
         assert (out / name).exists(), name
     result = runner.invoke(app, ["predict-text", "Монета. Две копейки. 1789 г.", "--model", str(out)])
     assert result.exit_code == 0, result.output

@@ -76,12 +76,12 @@ def build_run_report(run_dir: str | Path) -> Path:
     if not found["metrics.json"]:
         notes.append("the run stopped before its final validation, so there is no per-class table, confusion "
                        "matrix or example grid; finish it (train again with --resume) and run `museum report` again")
-    elif saved.get("experts") and saved.get("blend_weight") is not None:
+    elif saved.get("experts") and saved.get("blend_weights") is not None:
         notes.append("the learning curves follow the BiLSTM alone; the scores above are those of the blended "
                        "model (see the experts' validation macro-F1 under Data)")
     elif not examples:
         notes.append("metrics.json holds no val_predictions: no confusion matrix or examples")
-    names = {"train_rows": "training rows", "val_rows": "validation rows", "blend_weight": "BiLSTM weight in the blend",
+    names = {"train_rows": "training rows", "val_rows": "validation rows", "blend_weights": "blend weights",
              "seconds": "training seconds"}
     data = {label: saved[key] for key, label in names.items() if key in saved}
     data.update({f"{name} validation macro-F1": value for name, value in (saved.get("experts") or {}).items()})

@@ -37,22 +37,20 @@ def train_text_model(
     )
     model = TextModel(config).fit(train.descriptions, train.labels, val.descriptions, val.labels, extra, progress)
 
-    # The TF-IDF expert is refit on train + validation at the end of `fit`; score the
+    # The linear experts are refit on train + validation at the end of `fit`; score the
     # validation rows with the experts as they were before that, or the numbers would leak.
-    lstm_p, tfidf_p = model.val_probas_
-    proba = model.blend(lstm_p, tfidf_p)
+    proba = model.blend(model.val_probas_)
     classes = model.classes_
     predicted = [classes[i] for i in proba.argmax(1)]
     metrics = classification_metrics(val.labels, predicted, sorted(set(val.labels)))
-    metrics["experts"] = {"lstm": classification_metrics(val.labels, [classes[i] for i in lstm_p.argmax(1)])["macro_f1"]}
-    if tfidf_p is not None:
-        metrics["experts"]["tfidf"] = classification_metrics(val.labels, [classes[i] for i in tfidf_p.argmax(1)])["macro_f1"]
+    metrics["experts"] = {name: classification_metrics(val.labels, [classes[i] for i in p.argmax(1)])["macro_f1"]
+                          for name, p in model.val_probas_.items()}
     y = np.array([classes.index(c) for c in val.labels])
     losses = -np.log(np.clip(proba[np.arange(len(y)), y], 1e-9, None))
     metrics.update(
         kind="text",
         classes=classes,
-        blend_weight=model.blend_weight_,
+        blend_weights=model.blend_weights_,
         best_epoch=model.best_epoch_,
         history=model.history_,
         word2vec=model.stats_["word2vec"],
@@ -70,10 +68,10 @@ def train_text_model(
     write_json(out / "metrics.json", metrics)
     _write_summary(out / "summary.csv", model.history_)
     logger.info(format_report(metrics, "validation report (blended text model)"))
+    experts = ", ".join(f"{name} {f1:.4f} × {model.blend_weights_.get(name, 0):.2f}" for name, f1 in metrics["experts"].items())
     logger.info(
-        f"train-text done: val macro-F1 {metrics['macro_f1']:.4f} (LSTM {metrics['experts']['lstm']:.4f}"
-        + (f", TF-IDF {metrics['experts']['tfidf']:.4f}, LSTM weight {model.blend_weight_:.2f}" if tfidf_p is not None else "")
-        + f"), accuracy {metrics['accuracy']:.4f}, best epoch {model.best_epoch_}, {metrics['seconds']:.1f} s → {out}"
+        f"train-text done: val macro-F1 {metrics['macro_f1']:.4f} (experts: {experts}), "
+        f"accuracy {metrics['accuracy']:.4f}, best epoch {model.best_epoch_}, {metrics['seconds']:.1f} s → {out}"
     )
     write_report_safely(out)
     return model, metrics
