@@ -296,6 +296,7 @@ def train_image(
     dedup_split: bool = typer.Option(False, "--dedup-split", help="Keep near-duplicate images on one side of the split (no leak into validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
     head: str = typer.Option("finetune", help="finetune, or a scikit-learn head on frozen embeddings: logreg, svm, mlp, knn."),
+    head_features: str = typer.Option("stages", help="With --head: stages (several trunk stages + colour histogram) or pooled (final vector)."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="With --head: .npz from `museum embed` to reuse (written if absent or stale)."),
     positive: Optional[str] = typer.Option(None, "--positive", help="One-vs-rest: this class against all others (two-class sets: default the smaller class)."),
     target_precision: Optional[float] = typer.Option(None, help="Binary tasks: threshold = lowest reaching this validation precision (default: max F1)."),
@@ -332,6 +333,8 @@ def train_image(
         raise MuseumError(f"--head {head}: expected one of {', '.join(HEADS)}")
     if head != "finetune" and resume:
         raise MuseumError(f"--resume: a {head} head trains in one go; drop --resume")
+    if head_features not in ("stages", "pooled"):
+        raise MuseumError(f"--head-features {head_features}: expected stages or pooled")
     if embeddings is not None and head == "finetune":
         raise MuseumError("--embeddings: only used with --head logreg|svm|mlp|knn")
     if target_precision is not None and not 0.0 < target_precision <= 1.0:
@@ -342,7 +345,7 @@ def train_image(
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
         backbone_lr=backbone_lr, ema=ema, tta=tta, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
         color_jitter=color_jitter, amp=amp, workers=workers, threads=threads,
-        cache_dir=str(cache_dir) if cache_dir else None, head=head,
+        cache_dir=str(cache_dir) if cache_dir else None, head=head, head_features=head_features,
         embeddings=str(embeddings) if embeddings else None, positive=positive, target_precision=target_precision,
     )
     train_image_model(config, images, out, train_csv=train, val=val, resume=resume)
@@ -358,11 +361,12 @@ def embed_cmd(
     weights: str = typer.Option("imagenet", help="imagenet or a .pth state dict file."),
     input_size: int = typer.Option(0, help="Square input size; 0 = as train-image picks (64 for thumbnails, else 160)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each image's features with its mirror's (as train-image --head)."),
+    features: str = typer.Option("stages", help="stages (several trunk stages + colour histogram, as train-image --head) or pooled (final vector)."),
     workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
     device: str = DEVICE_OPTION,
 ) -> None:
-    """Write pooled backbone features of an image set (features, labels, paths, settings) to one .npz."""
+    """Write backbone features of an image set (features, labels, paths, settings) to one .npz."""
     from museum.image.embed import embed_folder
 
     if input_size != 0 and not 16 <= input_size <= 1024:
@@ -374,9 +378,9 @@ def embed_cmd(
     else:
         train_csv, folder = None, images
     emb = embed_folder(folder, out, train_csv, backbone, weights, input_size, device, workers,
-                       str(cache_dir) if cache_dir else None, tta=tta)
+                       str(cache_dir) if cache_dir else None, tta=tta, features=features)
     typer.echo(f"{out}: {emb.features.shape[0]} images x {emb.features.shape[1]} features "
-               f"({emb.meta['backbone']}, {emb.meta['input_size']} px, {len(set(emb.labels))} classes)")
+               f"({emb.meta['backbone']} {emb.meta['features']}, {emb.meta['input_size']} px, {len(set(emb.labels))} classes)")
 
 
 @app.command("predict-image")

@@ -123,6 +123,7 @@ class ImageConfig:
     cache_dir: str | None = None  # keep decoded images on disk, keyed by content hash + size
     # embedding heads and yes/no tasks
     head: str = "finetune"  # finetune | logreg | svm | mlp | knn (scikit-learn on frozen embeddings)
+    head_features: str = "stages"  # stages (several trunk stages + colour histogram) | pooled (final vector)
     embeddings: str | None = None  # .npz of `museum embed` to reuse (rewritten when its images differ)
     positive: str | None = None  # one-vs-rest: this class against all others
     target_precision: float | None = None  # binary threshold: lowest reaching this precision; None = max F1

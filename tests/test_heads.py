@@ -135,7 +135,7 @@ def test_cli_embed_then_head_then_predict(slice_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("MUSEUM_OFFLINE", "1")
     vectors = tmp_path / "vectors.npz"
     out = _ok(["embed", str(slice_folder), "--out", str(vectors), *FAST])
-    assert "18 images x 1280 features" in out
+    assert "18 images x 3904 features (mobilenet_v2 stages" in out  # 5 stages [mean ; max] + 64 colour bins
     before = vectors.stat().st_mtime_ns
     _ok(["embed", str(slice_folder), "--out", str(vectors), *FAST])
     assert vectors.stat().st_mtime_ns == before  # up to date: not rewritten
@@ -187,3 +187,32 @@ def test_cli_rejects_bad_head_options(slice_folder, tmp_path):
     assert result.exit_code == 2 and "--positive nobody: no such class" in result.output
     result = runner.invoke(app, ["embed", str(tmp_path / "missing"), "--out", str(tmp_path / "v.npz")])
     assert result.exit_code == 2 and "not a folder" in result.output
+
+
+# ----------------------------------------------------------------------------- feature extractors
+
+
+def test_stage_features_shape_colour_histogram_and_fallback():
+    import torch
+
+    from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+    from museum.image.embed import head_extractor
+
+    net, _ = build_backbone("mobilenet_v2", 3, "none")
+    extractor, kind = head_extractor(net, "stages", IMAGENET_MEAN, IMAGENET_STD)
+    assert kind == "stages" and extractor.taps == [10, 13, 16, 17, 18]  # MobileNetV2's last five stage ends
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 1.0  # pure red, then normalised as the model sees it
+    x = (red - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = extractor.eval()(x)
+    assert features.shape == (1, 2 * (64 + 96 + 160 + 320 + 1280) + 64)
+    hist = features[0, -64:]
+    assert hist[3 * 16].item() == pytest.approx(1.0) and hist.sum().item() == pytest.approx(1.0)  # bin (r=3, g=0, b=0)
+    # A backbone without a `features` trunk gets the final pooled vector.
+    resnet, _ = build_backbone("resnet18", 3, "none")
+    extractor, kind = head_extractor(resnet, "stages", IMAGENET_MEAN, IMAGENET_STD)
+    with torch.no_grad():
+        assert kind == "pooled" and extractor.eval()(x).shape == (1, 512)
+    with pytest.raises(MuseumError, match="--features"):
+        head_extractor(resnet, "pixels", IMAGENET_MEAN, IMAGENET_STD)

@@ -1,4 +1,4 @@
-"""Pooled backbone features ("embeddings"), computed once per image set and kept in one file.
+"""Backbone features ("embeddings"), computed once per image set and kept in one file.
 
 `museum embed` and `train-image --head` both go through `load_or_embed`: images are decoded
 once (the same safe decoder and optional on-disk decode cache as fine-tuning), pushed through
@@ -6,6 +6,16 @@ the ImageNet backbone with its classifier removed, and the vectors are written t
 with the labels, paths, backbone, input size and normalisation that made them. The file
 carries a key over those settings and every file's size and mtime, so a second call with
 the same data is answered from the file without loading a network.
+
+Two kinds of features (`FEATURES`):
+- ``pooled``: the backbone's final pooled vector (what the classifier sees). Near-duplicate
+  search uses these: copies of one picture agree on them exactly where it matters.
+- ``stages``: [mean ; max] pooled outputs of the trunk's last five stages plus a 4×4×4 RGB
+  colour histogram (the default for heads). The final ImageNet vector is nearly colour-blind
+  and object-level, while characters differ in hair colour and drawing detail that live in
+  the middle stages: on the 80/20 splits a logistic head went 0.868 → 0.920 on simpsons_small,
+  0.921 → 0.944 on quintuplets_faces and 0.567 → 0.718 on simpsons_mnist. Backbones without
+  a `features` trunk (ResNets) fall back to ``pooled``.
 """
 
 from __future__ import annotations
@@ -27,14 +37,17 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-EMBED_FORMAT = "museum-embeddings/1"
+EMBED_FORMAT = "museum-embeddings/2"
+FEATURES = ("stages", "pooled")
+STAGES = 5  # trunk stages tapped by `stages` features
+HIST_BINS = 4  # per RGB channel
 
 
 @dataclass
 class Embeddings:
     """Feature rows with their labels and paths, and how they were made."""
 
-    features: np.ndarray  # (n, d) float32, raw pooled features (heads L2-normalise them)
+    features: np.ndarray  # (n, d) float32, raw features (heads standardise them)
     labels: list[str]
     paths: list[str]  # resolved paths, the lookup key for reuse
     meta: dict = field(default_factory=dict)  # backbone, weights, input_size, mean, std, key
@@ -56,15 +69,80 @@ def feature_extractor(net: "nn.Module") -> "nn.Module":
     return net
 
 
-def build_extractor(backbone: str, weights: str) -> tuple["nn.Module", str]:
+def _stage_ends(trunk: "nn.Sequential") -> list[int]:
+    """Indices of the trunk's blocks after which the channel count changes (and of its last block)."""
+    import torch
+
+    channels = []
+    was_training = trunk.training
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 64, 64)
+        trunk.eval()
+        for block in trunk:
+            x = block(x)
+            channels.append(x.shape[1])
+    trunk.train(was_training)
+    return [i for i in range(len(channels)) if i == len(channels) - 1 or channels[i + 1] != channels[i]]
+
+
+def _make_stage_features():
+    import torch
+    from torch import nn
+
+    class StageFeatures(nn.Module):
+        """[mean ; max] pooled outputs of chosen trunk blocks + sqrt of a colour histogram, in one vector."""
+
+        def __init__(self, trunk: nn.Sequential, taps: list[int], mean, std) -> None:
+            super().__init__()
+            self.trunk, self.taps = trunk, sorted(taps)
+            # Buffers, not parameters, and not saved: they come from the checkpoint's mean/std.
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rgb = (x * self.std + self.mean).clamp(0.0, 1.0)
+            bins = (rgb * (HIST_BINS - 1e-3)).long()
+            cell = (bins[:, 0] * HIST_BINS + bins[:, 1]) * HIST_BINS + bins[:, 2]
+            cell = cell.flatten(1)
+            hist = torch.zeros(len(x), HIST_BINS ** 3, device=x.device, dtype=torch.float32)
+            hist.scatter_add_(1, cell, torch.ones_like(cell, dtype=torch.float32))
+            parts = []
+            for i, block in enumerate(self.trunk):
+                x = block(x)
+                if i in self.taps:
+                    parts.append(torch.cat([x.float().mean((2, 3)), x.float().amax((2, 3))], 1))
+                if i == self.taps[-1]:
+                    break
+            return torch.cat(parts + [(hist / cell.shape[1]).sqrt()], 1)
+
+    return StageFeatures
+
+
+def head_extractor(net: "nn.Module", features: str, mean, std) -> tuple["nn.Module", str]:
+    """(module returning feature vectors, the kind actually used) for a classifier network.
+
+    `stages` needs a `features` trunk (MobileNet, EfficientNet, ConvNeXt…); other backbones get `pooled`.
+    """
+    from torch import nn
+
+    if features not in FEATURES:
+        raise MuseumError(f"--features {features}: expected one of {', '.join(FEATURES)}")
+    trunk = getattr(net, "features", None)
+    if features == "stages" and isinstance(trunk, nn.Sequential) and len(trunk) > 1:
+        return _make_stage_features()(trunk, _stage_ends(trunk)[-STAGES:], mean, std), "stages"
+    return feature_extractor(net), "pooled"
+
+
+def build_extractor(backbone: str, weights: str, features: str = "pooled", mean=None, std=None) -> tuple["nn.Module", str]:
     """The pretrained feature extractor and where its weights came from."""
-    from museum.image.backbones import build_backbone
+    from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
     if weights == "none":
         # Random features make every head a coin toss: refuse rather than train on noise.
         raise MuseumError("--weights none: embedding heads need pretrained weights; use --weights imagenet or a .pth file")
     net, source = build_backbone(backbone, 1, weights)
-    return feature_extractor(net).eval(), source
+    extractor, _ = head_extractor(net, features, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    return extractor.eval(), source
 
 
 def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: str = "cpu", batch_size: int = 64,
@@ -110,9 +188,9 @@ def data_key(paths, spec: dict) -> str:
     return h.hexdigest()
 
 
-def embed_spec(backbone: str, weights: str, input_size: int, mean, std, tta: bool = True) -> dict:
+def embed_spec(backbone: str, weights: str, input_size: int, mean, std, tta: bool = True, features: str = "pooled") -> dict:
     return {"format": EMBED_FORMAT, "backbone": backbone, "weights": weights, "input_size": int(input_size),
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "tta": bool(tta)}
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "tta": bool(tta), "features": features}
 
 
 def resolve_input_size(input_size: int, paths, seed: int = 0) -> int:
@@ -157,8 +235,9 @@ def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: 
 
     start = time.perf_counter()
     if net is None:
-        net, source = build_extractor(spec["backbone"], spec["weights"])
-        logger.info(f"embedding {len(paths)} images with {spec['backbone']} ({source}) at {spec['input_size']} px")
+        net, source = build_extractor(spec["backbone"], spec["weights"], spec["features"], spec["mean"], spec["std"])
+        logger.info(f"embedding {len(paths)} images with {spec['backbone']} ({source}, {spec['features']} features) "
+                    f"at {spec['input_size']} px")
     cache, ok, failures = decode_cache(list(paths), spec["input_size"], workers or default_workers(),
                                        Path(cache_dir) if cache_dir else None, progress=True)
     if failures:
@@ -192,7 +271,7 @@ def load_or_embed(paths, labels, spec: dict, file: str | Path | None = None, ext
 
 def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbone: str = "mobilenet_v2",
                  weights: str = "imagenet", input_size: int = 0, device: str = "auto", workers: int = 0,
-                 cache_dir: str | None = None, seed: int = 0, tta: bool = True) -> Embeddings:
+                 cache_dir: str | None = None, seed: int = 0, tta: bool = True, features: str = "stages") -> Embeddings:
     """`museum embed`: embeddings of a folder-per-class set (or train.csv + images) written to `out`.
 
     An up-to-date `out` is recognised by a key over the options as given and the files' stats,
@@ -201,7 +280,10 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     from museum.data.images import list_competition_images, list_image_folder
 
     items = list_competition_images(train_csv, images) if train_csv is not None else list_image_folder(images)
-    request = {"backbone": backbone, "weights": weights, "input_size": input_size, "tta": tta, "seed": seed}
+    if features not in FEATURES:
+        raise MuseumError(f"--features {features}: expected one of {', '.join(FEATURES)}")
+    request = {"backbone": backbone, "weights": weights, "input_size": input_size, "tta": tta, "seed": seed,
+               "features": features}
     request_key = data_key(items.paths, request)
     if Path(out).is_file():
         saved = load_embeddings(out)
@@ -211,6 +293,11 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD
     from museum.utils import resolve_device
 
-    spec = embed_spec(backbone, weights, resolve_input_size(input_size, items.paths, seed), IMAGENET_MEAN, IMAGENET_STD, tta)
+    if features == "stages":  # what the backbone really supports, so `train-image --head` finds the same spec
+        from museum.image.backbones import build_backbone
+
+        features = head_extractor(build_backbone(backbone, 1, "none")[0], features, IMAGENET_MEAN, IMAGENET_STD)[1]
+    spec = embed_spec(backbone, weights, resolve_input_size(input_size, items.paths, seed), IMAGENET_MEAN, IMAGENET_STD,
+                      tta, features)
     return load_or_embed(items.paths, items.labels, spec, out, extra={"request_key": request_key},
                          device=resolve_device(device), workers=workers, cache_dir=cache_dir)

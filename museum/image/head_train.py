@@ -48,11 +48,11 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
     size = config.input_size or resolve_input_size(0, paths, config.seed)
     source = model.build(classes, size, config.weights, head=True)
     model.device = resolve_device(config.device)
-    logger.info(f"{config.backbone} ({source}) embeddings + {config.head} head, {len(classes)} classes, {size} px, "
+    logger.info(f"{config.backbone} ({source}) {model.features} features + {config.head} head, {len(classes)} classes, {size} px, "
                 f"{len(paths)} train / {len(val_paths)} validation images")
 
     # One embedding pass (and one cache file) for training and validation rows together.
-    spec = embed_spec(config.backbone, config.weights, size, model.mean, model.std, config.tta)
+    spec = embed_spec(config.backbone, config.weights, size, model.mean, model.std, config.tta, model.features)
     emb = load_or_embed(list(paths) + list(val_paths), list(labels) + val_labels, spec, config.embeddings,
                         device=model.device, workers=config.workers, cache_dir=config.cache_dir, net=model.net)
     col = {c: i for i, c in enumerate(classes)}

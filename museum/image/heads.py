@@ -1,4 +1,4 @@
-"""scikit-learn classifiers ("heads") on frozen, L2-normalised backbone embeddings.
+"""scikit-learn classifiers ("heads") on frozen, standardised backbone embeddings.
 
 On a few hundred images a linear model on pretrained features trains in seconds where
 fine-tuning takes minutes on a CPU, and is often about as good. Every head is class-balanced
@@ -33,7 +33,7 @@ from museum.errors import MuseumError
 from museum.utils import atomic_path, read_json, write_json
 
 HEADS = ("finetune", "logreg", "svm", "mlp", "knn")
-HEAD_FORMAT = "museum-head/1"
+HEAD_FORMAT = "museum-head/2"
 MLP_HIDDEN = 128
 
 
@@ -55,21 +55,23 @@ class BalancedKNN(KNeighborsClassifier):
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length: cosine geometry, and one C grid that suits every backbone."""
+    """Rows scaled to unit length (cosine geometry for k-NN)."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _search_space(kind: str, seed: int) -> tuple[Any, dict]:
+    # Grids for standardised features of a few thousand dimensions: strong regularisation wins
+    # (measured on the character sets' 80/20 splits; the best values sat inside these ranges).
     if kind == "logreg":
-        return LogisticRegression(class_weight="balanced", max_iter=3000), {"C": [1.0, 10.0, 100.0]}
+        return LogisticRegression(class_weight="balanced", max_iter=3000), {"C": [0.003, 0.01, 0.03, 0.1]}
     if kind == "svm":
-        return LinearSVC(class_weight="balanced", max_iter=5000, random_state=seed), {"C": [0.1, 1.0, 10.0]}
+        return LinearSVC(class_weight="balanced", max_iter=5000, random_state=seed), {"C": [0.0003, 0.001, 0.003, 0.01]}
     if kind == "mlp":
         # Balanced through sample weights (MLPClassifier has no class_weight). L-BFGS: on a few
         # thousand rows it converges in far fewer passes than Adam, and deterministically.
         return (MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), solver="lbfgs", max_iter=200, random_state=seed),
-                {"alpha": [1e-3, 1e-1]})
+                {"alpha": [1.0, 100.0]})
     if kind == "knn":
         return BalancedKNN(weights="distance", algorithm="brute"), {"n_neighbors": [3, 7, 15]}
     raise MuseumError(f"--head {kind}: expected one of {', '.join(HEADS)}")
@@ -92,10 +94,17 @@ class Head:
     n_classes: int
     params: dict = field(default_factory=dict)
     temperature: float = 1.0  # LinearSVC margins → probabilities
+    mean: np.ndarray | None = None  # standardisation fitted on the training features
+    scale: np.ndarray | None = None
+
+    def prepare(self, features: np.ndarray) -> np.ndarray:
+        """Standardised features (unit-length too for k-NN): what the estimator was fitted on."""
+        x = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
+        return l2_normalize(x) if self.kind == "knn" else x
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         with threadpool_limits(1):  # see `fit_head`
-            return self._predict_proba(l2_normalize(features))
+            return self._predict_proba(self.prepare(features))
 
     def _predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.kind == "svm":
@@ -121,6 +130,7 @@ class Head:
             meta.update(activation=est.activation, out_activation=est.out_activation_, layers=len(est.coefs_))
         else:
             arrays = {"x": est._fit_X, "y": np.asarray(est.classes_)[est._y]}
+        arrays |= {"feature_mean": self.mean, "feature_scale": self.scale}
         return meta, arrays
 
     @classmethod
@@ -139,7 +149,8 @@ class Head:
                 est.n_outputs_ = est.coefs_[-1].shape[1]
             else:
                 est.coef_, est.intercept_ = arrays["coef"], arrays["intercept"]
-        return cls(kind, est, int(meta["n_classes"]), dict(meta["params"]), float(meta["temperature"]))
+        return cls(kind, est, int(meta["n_classes"]), dict(meta["params"]), float(meta["temperature"]),
+                   arrays["feature_mean"], arrays["feature_scale"])
 
     def save(self, folder: str | Path) -> None:
         meta, arrays = self.to_state()
@@ -176,7 +187,10 @@ def fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, see
 
 def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> tuple[Head, dict]:
     start = time.perf_counter()
-    x, y = l2_normalize(features), np.asarray(y, dtype=np.int64)
+    features = np.asarray(features, dtype=np.float32)
+    std = features.std(axis=0)
+    prepared = Head(kind, None, n_classes, mean=features.mean(axis=0), scale=np.where(std > 1e-6, std, 1.0).astype(np.float32))
+    x, y = prepared.prepare(features), np.asarray(y, dtype=np.int64)
     estimator, grid = _search_space(kind, seed)
     fit_params = {"sample_weight": compute_sample_weight("balanced", y)} if kind == "mlp" else {}
     folds = cv_folds(y, seed)
@@ -203,7 +217,8 @@ def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, se
         temperature = fit_temperature(scores, np.searchsorted(estimator.classes_, y))
         info["temperature"] = temperature
     info["seconds"] = round(time.perf_counter() - start, 2)
-    return Head(kind, estimator, n_classes, {k: _plain(v) for k, v in params.items()}, temperature), info
+    return Head(kind, estimator, n_classes, {k: _plain(v) for k, v in params.items()}, temperature,
+                prepared.mean, prepared.scale), info
 
 
 def _plain(value):

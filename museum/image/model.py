@@ -38,7 +38,8 @@ class ImageModel:
         self.device = "cpu"
         self.epoch, self.metric = 0, float("nan")
         self.report_: dict = {}  # validation results of the last `fit`, for metrics.json
-        self.head = None  # a fitted `museum.image.heads.Head` on pooled features (`--head`), else None
+        self.head = None  # a fitted `museum.image.heads.Head` on frozen features (`--head`), else None
+        self.features: str | None = None  # with a head: the feature kind `net` returns (embed.FEATURES)
         self.decision: dict | None = None  # binary tasks: {"positive": class, "threshold": raw probability}
 
     # ------------------------------------------------------------------ training
@@ -59,14 +60,14 @@ class ImageModel:
         return self
 
     def build(self, classes: list[str], input_size: int, weights: str, head: bool = False) -> str:
-        """Create the network for `classes` (with `head`, the backbone without its classifier: it
-        returns pooled features for a scikit-learn head); returns where its initial weights came from."""
+        """Create the network for `classes` (with `head`, the backbone as a feature extractor for a
+        scikit-learn head, see `embed.head_extractor`); returns where its initial weights came from."""
         self.classes_, self.input_size = list(classes), int(input_size)
         self.net, source = build_backbone(self.config.backbone, len(classes), weights)
         if head:
-            from museum.image.embed import feature_extractor
+            from museum.image.embed import head_extractor
 
-            self.net = feature_extractor(self.net)
+            self.net, self.features = head_extractor(self.net, self.config.head_features, self.mean, self.std)
         return source
 
     def meta(self) -> dict:
@@ -96,7 +97,7 @@ class ImageModel:
         logits = net(x).float()
         if self.config.tta:  # the mirror view, as validation scored it
             logits = (logits + net(x.flip(3)).float()) / 2
-        if self.head is not None:  # `logits` are pooled features here
+        if self.head is not None:  # `logits` are feature vectors here
             proba = self.head.predict_proba(logits.cpu().numpy())
         else:
             proba = logits.softmax(1).cpu().numpy()
@@ -161,9 +162,9 @@ class ImageModel:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MuseumError(f"{path}: not an image-model checkpoint of this package; pass the folder written by train-image")
         model = cls(config_from_dict(ImageConfig, state["config"]))
+        model.mean, model.std = list(state["mean"]), list(state["std"])
         model.build(state["classes"], state["input_size"], weights="none", head=bool(state.get("head")))
         model.decision = state.get("decision")
-        model.mean, model.std = list(state["mean"]), list(state["std"])
         model.epoch, model.metric = state["epoch"], state["metric"]
         try:
             model.net.load_state_dict(state["state_dict"])
