@@ -110,8 +110,10 @@ def file_hash(path: Path | None) -> str | None:
 
 
 def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = None, device: str = "auto",
-                     input_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(L2-normalised float32 embeddings (n, d), readable mask), one MobileNetV2 pass cached in `cache_file`."""
+                     input_size: int = 0, features: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised float32 embeddings (n, d), readable mask), one MobileNetV2 pass cached in `cache_file`.
+
+    `features`: see `museum.image.embed.FEATURES` (duplicates are found on `pooled` ones)."""
     from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD
     from museum.image.embed import embed_spec, load_or_embed, resolve_input_size
     from museum.utils import resolve_device
@@ -119,7 +121,8 @@ def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = Non
     present = [Path(p) for p in paths if p is not None]
     if not present:
         return np.zeros((len(paths), 1), dtype=np.float32), np.zeros(len(paths), dtype=bool)
-    spec = embed_spec("mobilenet_v2", "imagenet", resolve_input_size(input_size, present), IMAGENET_MEAN, IMAGENET_STD)
+    spec = embed_spec("mobilenet_v2", "imagenet", resolve_input_size(input_size, present), IMAGENET_MEAN, IMAGENET_STD,
+                      features=features)
     emb = load_or_embed(present, [""] * len(present), spec, cache_file, device=resolve_device(device))
     rows = np.array([-1 if p is None else r for p, r in zip(paths, _rows_of(emb, paths))], dtype=np.int64)
     ok = rows >= 0

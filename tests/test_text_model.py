@@ -101,3 +101,24 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().startswith("error:") and "missing column typology" in result.output
     assert "Traceback" not in result.output
+
+
+def test_word_vector_expert_reaches_words_unseen_in_training(tmp_path):
+    """Words absent from every training row still vote through their pretrained neighbours."""
+    from museum.text.vector_expert import WordVectorExpert
+
+    rng = np.random.default_rng(0)
+    minerals, coins = rng.normal(size=300), rng.normal(size=300)
+    words = [f"m{i}" for i in range(12)] + [f"c{i}" for i in range(12)]
+    table = np.stack([minerals + 0.3 * rng.normal(size=300) for _ in range(12)]
+                     + [coins + 0.3 * rng.normal(size=300) for _ in range(12)]).astype(np.float32)
+    # Train on the first eight words of each cluster; the last four never occur in a training row.
+    tokens = [[f"m{i}", f"m{(i + 1) % 8}"] for i in range(8)] + [[f"c{i}", f"c{(i + 1) % 8}"] for i in range(8)]
+    labels = ["минералы"] * 8 + ["монеты"] * 8
+    expert = WordVectorExpert(c=1.0).fit(tokens, labels, words, table)
+    unseen = [["m10"], ["c11"], ["m9", "m11"]]
+    assert [expert.classes_[i] for i in expert.predict_proba(unseen).argmax(1)] == ["минералы", "монеты", "минералы"]
+    meta, arrays = expert.to_state()
+    loaded = WordVectorExpert.from_state(meta, arrays)
+    assert np.array_equal(loaded.predict_proba(unseen), expert.predict_proba(unseen))
+    assert np.allclose(expert.predict_proba([["unknown"]]).sum(), 1.0)  # no known word: the prior, not a crash
