@@ -113,15 +113,18 @@ def train_text(
 
 
 def _parse_blend_weight(value: str) -> float | None:
-    if value.strip().lower() == "auto":
-        return None
+    return None if value.strip().lower() == "auto" else _parse_share("--blend-weight", value)
+
+
+def _parse_share(option: str, value: str) -> float:
+    """A number in [0, 1] given on the command line, or a one-line error naming the option."""
     try:
-        weight = float(value)
+        share = float(value)
     except ValueError:
-        raise MuseumError(f"--blend-weight {value}: expected a number between 0 and 1, or auto") from None
-    if not 0.0 <= weight <= 1.0:
-        raise MuseumError(f"--blend-weight {value}: must be between 0 and 1")
-    return weight
+        raise MuseumError(f"{option} {value}: expected a number between 0 and 1, or auto") from None
+    if not 0.0 <= share <= 1.0:
+        raise MuseumError(f"{option} {value}: must be between 0 and 1")
+    return share
 
 
 @app.command("predict-text")
@@ -286,6 +289,7 @@ def train_image(
     soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
     crop_scale: float = typer.Option(0.35, help="Smallest area share of the random resized crop."),
     color_jitter: float = typer.Option(0.3, help="Brightness/contrast/saturation jitter, 0 = off."),
+    mixup: str = typer.Option("auto", help="Share of batches trained on mixup blends of image pairs (0..1), or auto: 1 below 2,000 training images, else 0."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
     workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = CPUs per process."),
@@ -319,6 +323,7 @@ def train_image(
     for name, value in (("--soft-f1", soft_f1), ("--label-smoothing", label_smoothing), ("--color-jitter", color_jitter)):
         if not 0.0 <= value < 1.0 + (name == "--soft-f1"):
             raise MuseumError(f"{name} {value}: must be between 0 and 1")
+    mixup_share = None if mixup.strip().lower() == "auto" else _parse_share("--mixup", mixup)
     if not 0.05 <= crop_scale <= 1.0:
         raise MuseumError(f"--crop-scale {crop_scale}: must be between 0.05 and 1")
     if lr <= 0:
@@ -344,7 +349,7 @@ def train_image(
         input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
         backbone_lr=backbone_lr, ema=ema, tta=tta, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
-        color_jitter=color_jitter, amp=amp, workers=workers, threads=threads,
+        color_jitter=color_jitter, mixup=mixup_share, amp=amp, workers=workers, threads=threads,
         cache_dir=str(cache_dir) if cache_dir else None, head=head, head_features=head_features,
         embeddings=str(embeddings) if embeddings else None, positive=positive, target_precision=target_precision,
     )

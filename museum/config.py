@@ -116,6 +116,7 @@ class ImageConfig:
     # augmentation
     crop_scale: float = 0.35  # smallest area share of a random resized crop
     color_jitter: float = 0.3
+    mixup: float | None = None  # share of batches trained on mixup blends of pairs; None = auto (see `auto_mixup`)
     # runtime
     amp: bool = True  # mixed precision on CUDA only
     workers: int = 0  # decoding processes; 0 = min(4, CPUs)

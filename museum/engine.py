@@ -166,19 +166,45 @@ class WeightEMA:
 # ----------------------------------------------------------------------------- one epoch
 
 
+class Mixup:
+    """Train on convex blends of image pairs (mixup, Zhang et al. 2018) in a share of the batches.
+
+    The blend weight is uniform in [0, 1] (mixup's Beta(1, 1)) and, like the pairing, drawn from
+    the run's generator, so a resumed run draws the same. On a few hundred images the network can
+    no longer memorise single pictures.
+    """
+
+    def __init__(self, share: float, generator: torch.Generator) -> None:
+        self.share, self.generator = share, generator
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(images, partner index or None, weight of the originals)."""
+        draw = torch.rand(2, generator=self.generator)
+        if float(draw[0]) >= self.share or len(x) < 2:
+            return x, None, 1.0
+        lam = float(draw[1])
+        partner = torch.randperm(len(x), generator=self.generator).to(x.device)
+        return lam * x + (1 - lam) * x[partner], partner, lam
+
+
 def train_one_epoch(model: nn.Module, batches: Batches, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, device: str, prepare: Callable[[torch.Tensor], torch.Tensor],
                     scaler: torch.amp.GradScaler | None = None, amp: bool = False, progress=None,
-                    ema: WeightEMA | None = None) -> dict:
+                    ema: WeightEMA | None = None, mixup: Mixup | None = None) -> dict:
     """One pass over `batches` (uint8 images, int labels); returns mean loss, images and seconds."""
     model.train()
     total, n, start = 0.0, 0, time.perf_counter()
     for images, target in batches:
         target = target.to(device, non_blocking=True)
         x = prepare(images.to(device, non_blocking=True))
+        partner, lam = None, 1.0
+        if mixup is not None:
+            x, partner, lam = mixup(x)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
             logits = model(x)
         loss = criterion(logits, target)
+        if partner is not None:
+            loss = lam * loss + (1 - lam) * criterion(logits, target[partner])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -255,6 +281,7 @@ class Loop:
     scaler: torch.amp.GradScaler | None = None
     info: DistInfo = field(default_factory=DistInfo)
     ema: WeightEMA | None = None  # when set, the averaged weights are validated and kept as best
+    mixup: Mixup | None = None
     tta_flip: bool = False  # validate on the mean logits of each image and its mirror
     history: list[dict] = field(default_factory=list)
 
@@ -355,7 +382,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
             bar.update(0)
             stats = train_one_epoch(loop.model, loop.train_batches(epoch), loop.criterion, loop.optimizer,
                                     loop.scheduler, loop.device, loop.prepare_train, loop.scaler, loop.amp, _WorldBar(bar, loop.info),
-                                    loop.ema)
+                                    loop.ema, loop.mixup)
         val, _ = run_validation(loop)
         seconds = time.perf_counter() - epoch_start
         metric = val["macro_f1"] if val else -float(stats["loss"])  # no validation: lowest loss wins

@@ -241,6 +241,8 @@ def test_cli_bad_options_are_one_line(tiny_folder, tmp_path):
         (["--balance", "magic"], "--balance magic"),
         (["--epochs", "-1"], "--epochs -1"),
         (["--ema", "1.5"], "--ema 1.5"),
+        (["--mixup", "2"], "--mixup 2"),
+        (["--mixup", "lots"], "--mixup lots"),
         (["--backbone", "nope", "--weights", "none"], "--backbone nope"),
     ]:
         result = runner.invoke(app, ["train-image", "--images", str(tiny_folder), "--out", str(tmp_path / "x"), *args])
@@ -269,6 +271,20 @@ def test_auto_epochs_follow_the_data_size():
     from museum.image.train import auto_epochs
 
     assert auto_epochs(40) == 20 and auto_epochs(259) == 15 and auto_epochs(6400) == 8
+
+
+def test_auto_mixup_and_mixup_blends_pairs_reproducibly():
+    from museum.image.train import auto_mixup
+
+    assert auto_mixup(362) == 1.0 and auto_mixup(6400) == 0.0
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    mixed, partner, lam = engine.Mixup(1.0, torch.Generator().manual_seed(0))(x)
+    assert sorted(partner.tolist()) == [0, 1, 2, 3] and 0.0 <= lam <= 1.0
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[partner])
+    again = engine.Mixup(1.0, torch.Generator().manual_seed(0))(x)
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], partner)
+    unchanged, partner, lam = engine.Mixup(0.0, torch.Generator().manual_seed(0))(x)
+    assert unchanged is x and partner is None and lam == 1.0
 
 
 def test_weight_ema_averages_all_steps_then_decays():

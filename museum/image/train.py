@@ -20,7 +20,7 @@ from museum.config import ImageConfig, config_to_dict
 from museum.data.competition import stratified_split
 from museum.data.images import (decode_cache, default_workers, list_competition_images, list_image_folder,
                                 probe_median_side)
-from museum.engine import (DistInfo, Loop, MixedLoss, WeightEMA, all_gather_objects, cleanup_distributed, fit, run_validation,
+from museum.engine import (DistInfo, Loop, MixedLoss, Mixup, WeightEMA, all_gather_objects, cleanup_distributed, fit, run_validation,
                            setup_distributed, unwrap, warmup_cosine)
 from museum.errors import MuseumError
 from museum.image.augment import augment, normalize
@@ -47,6 +47,16 @@ def auto_epochs(n_train: int) -> int:
     thousands of images a few passes converge and more would exceed the 10-minute CPU budget.
     """
     return int(np.clip(round(4000 / max(n_train, 1)), 8, 20))
+
+
+def auto_mixup(n_train: int) -> float:
+    """Mixup on every batch for small sets, off for large ones.
+
+    Measured with default options (80/20 splits): quintuplets 0.943 → 0.971, quintuplets_faces
+    0.944 → 0.967, simpsons_small 0.963 → 0.964; but simpsons_mnist (6,400 images, 8 epochs) fell
+    0.913 → 0.880: blended batches need more passes than a large set gets.
+    """
+    return 1.0 if n_train < 2000 else 0.0
 
 
 def _shard(n: int, info: DistInfo, seed: int) -> np.ndarray:
@@ -118,10 +128,12 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
         raise MuseumError(f"validation classes not in training: {', '.join(unknown[:5])}; give --val the same class folders")
     size = config.input_size or auto_input_size(probe_median_side(paths, seed=config.seed))
     epochs = config.epochs or auto_epochs(len(paths))
+    mixup = auto_mixup(len(paths)) if config.mixup is None else config.mixup
     source = model.build(classes, size, config.weights)
     if info.is_main:
         logger.info(f"{config.backbone} ({source}), {len(classes)} classes, {size} px, "
-                    f"{len(paths)} train / {len(val_paths)} validation images, {epochs} epochs, {info.world} process(es)")
+                    f"{len(paths)} train / {len(val_paths)} validation images, {epochs} epochs"
+                    + (f", mixup on {mixup:.0%} of batches" if mixup > 0 else "") + f", {info.world} process(es)")
 
     col = {c: i for i, c in enumerate(classes)}
     tr = _shard(len(paths), info, config.seed)
@@ -210,6 +222,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
         device=device, images_per_epoch=per_rank, set_frozen=set_frozen, freeze_epochs=freeze, amp=amp,
         scaler=scaler, info=info, tta_flip=config.tta,
         ema=WeightEMA(net, 1 - 1 / max(1.0, config.ema * steps * epochs)) if config.ema > 0 else None,
+        mixup=Mixup(mixup, generator) if mixup > 0 else None,
     )
     best = fit(loop, resume=resume)
     set_frozen(False)
