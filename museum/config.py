@@ -25,7 +25,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 @dataclass
 class TextConfig:
-    """`museum train-text`: Word2Vec + BiLSTM blended with a TF-IDF linear expert."""
+    """`museum train-text`: Word2Vec + BiLSTM blended with TF-IDF and word-vector linear experts."""
 
     seed: int = 0
     val_fraction: float = 0.2
