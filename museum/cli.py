@@ -289,7 +289,7 @@ def train_image(
     soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
     crop_scale: float = typer.Option(0.35, help="Smallest area share of the random resized crop."),
     color_jitter: float = typer.Option(0.3, help="Brightness/contrast/saturation jitter, 0 = off."),
-    mixup: str = typer.Option("auto", help="Share of batches trained on mixup blends of image pairs (0..1), or auto: 1 below 2,000 training images, else 0."),
+    mixup: str = typer.Option("auto", help="Share of batches trained on mixup blends of image pairs (0..1), or auto: 1 when training runs 10 epochs or more, else 0."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
     workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = CPUs per process."),
