@@ -87,9 +87,7 @@ def train_text(
     lemmatize: bool = typer.Option(False, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
     navec: bool = typer.Option(True, "--navec/--no-navec", help="Warm-start Word2Vec from navec vectors."),
     tfidf: bool = typer.Option(True, "--tfidf/--no-tfidf", help="Blend in the TF-IDF linear expert."),
-    vectors_weight: float = typer.Option(
-        0.2, min=0.0, max=1.0, help="Weight of the navec word-vector expert in the blend; 0 leaves it out."
-    ),
+    vectors_weight: float = typer.Option(0.2, help="Weight of the navec word-vector expert in the blend (0..1); 0 leaves it out."),
     blend_weight: str = typer.Option(
         "0.2", help="BiLSTM weight in the blend (0..1; TF-IDF gets the rest), or `auto` to choose it on validation."
     ),
@@ -102,6 +100,7 @@ def train_text(
     from museum.text.train import train_text_model
 
     weight = _parse_blend_weight(blend_weight)
+    _parse_share("--vectors-weight", str(vectors_weight))
     if epochs < 1:
         raise MuseumError(f"--epochs {epochs}: must be at least 1")
     config = TextConfig(

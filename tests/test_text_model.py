@@ -122,3 +122,11 @@ def test_word_vector_expert_reaches_words_unseen_in_training(tmp_path):
     loaded = WordVectorExpert.from_state(meta, arrays)
     assert np.array_equal(loaded.predict_proba(unseen), expert.predict_proba(unseen))
     assert np.allclose(expert.predict_proba([["unknown"]]).sum(), 1.0)  # no known word: the prior, not a crash
+
+
+def test_cli_bad_weights_are_one_line(museum_train_csv, tmp_path):
+    for args, message in [(["--vectors-weight", "2"], "--vectors-weight 2.0: must be between 0 and 1"),
+                          (["--blend-weight", "much"], "--blend-weight much: expected a number")]:
+        result = CliRunner().invoke(app, ["train-text", "--train", str(museum_train_csv), "--out", str(tmp_path / "m"), *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m").exists()  # refused before anything was written
