@@ -216,3 +216,16 @@ def test_stage_features_shape_colour_histogram_and_fallback():
         assert kind == "pooled" and extractor.eval()(x).shape == (1, 512)
     with pytest.raises(MuseumError, match="--features"):
         head_extractor(resnet, "pixels", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_mlp_head_projects_wide_features_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 400))
+    y = np.repeat([0, 1, 2], [120, 100, 80])
+    x = (centres[y] + 2.0 * rng.normal(size=(len(y), 400))).astype(np.float32)
+    head, info = fit_head("mlp", x, y, n_classes=3, seed=0)
+    assert head.projection.shape == (400, 256) and info["cv_macro_f1"] > 0.9
+    head.save(tmp_path)
+    loaded = Head.load(tmp_path)
+    assert np.array_equal(loaded.projection, head.projection)
+    assert np.array_equal(loaded.predict_proba(x[:20]), head.predict_proba(x[:20]))
