@@ -198,7 +198,8 @@ def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, se
     features = np.asarray(features, dtype=np.float32)
     std = features.std(axis=0)
     prepared = Head(kind, None, n_classes, mean=features.mean(axis=0), scale=np.where(std > 1e-6, std, 1.0).astype(np.float32))
-    if kind == "mlp" and min(features.shape) > MLP_COMPONENTS:
+    if kind == "mlp" and features.shape[1] > MLP_COMPONENTS:
+        # With fewer rows than that, all of them span the data: nothing is lost.
         _, _, vt = np.linalg.svd(prepared.prepare(features), full_matrices=False)
         prepared.projection = np.ascontiguousarray(vt[:MLP_COMPONENTS].T, dtype=np.float32)
     x, y = prepared.prepare(features), np.asarray(y, dtype=np.int64)
