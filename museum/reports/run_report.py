@@ -83,7 +83,7 @@ def build_run_report(run_dir: str | Path) -> Path:
         notes.append("metrics.json holds no val_predictions: no confusion matrix or examples")
     names = {"train_rows": "training rows", "val_rows": "validation rows", "blend_weights": "blend weights",
              "seconds": "training seconds"}
-    data = {label: saved[key] for key, label in names.items() if key in saved}
+    data = {label: _plain_text(saved[key]) for key, label in names.items() if key in saved}
     data.update({f"{name} validation macro-F1": value for name, value in (saved.get("experts") or {}).items()})
     report = ReportInput(
         title=f"{kind.capitalize()} run {run_dir.resolve().name}", kind=kind, config=config, history=history,
@@ -91,6 +91,13 @@ def build_run_report(run_dir: str | Path) -> Path:
         examples=examples, metrics=metrics, data=data, notes=notes, binary=saved.get("binary"),
     )
     return render_report(run_dir, report)
+
+
+def _plain_text(value):
+    """A dict of numbers as "a 0.20 · b 0.60" rather than its Python repr; anything else as is."""
+    if isinstance(value, dict):
+        return " · ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    return value
 
 
 def build_report_from_predictions(
