@@ -31,7 +31,7 @@ from museum.data.competition import LABEL_COLUMN, is_safe_id, read_competition_c
 from museum.dedup import write_csv, write_csv_copy
 from museum.errors import MuseumError
 from museum.log import logger
-from museum.utils import atomic_path, read_json, write_json
+from museum.utils import atomic_path, output_folder, read_json, write_json
 
 EXPERTS = ("fast", "full")
 ACTIONS = ("report", "drop", "relabel")
@@ -328,10 +328,7 @@ def run_clean(train_csv: str | Path | None, images: str | Path | None, out: str 
     if action not in ACTIONS:
         raise MuseumError(f"action {action}: expected one of {', '.join(ACTIONS)}")
     items = load_items(train_csv, images)
-    out_dir = Path(out) if out is not None else Path("reports") / f"clean-{items.source.stem or items.source.name}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MuseumError(f"--out {out_dir}: is a file; give a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out, "clean", items.source)
     if reuse:
         oof = load_oof(out_dir, items)
         logger.info(f"reusing out-of-fold probabilities from {out_dir / 'oof.npz'} ({', '.join(oof.experts)})")

@@ -35,6 +35,11 @@ TEXT_MODEL_OPTION = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_
 IMAGE_MODEL_OPTION = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL))
 BATCH_OPTION = typer.Option(64, help="Images per batch.")
 WORKERS_OPTION = typer.Option(2, help="DataLoader workers decoding images.")
+# submit and evaluate: cascade settings, each overriding fusion.json (or the defaults) when given.
+TEXT_THRESHOLD_OPTION = typer.Option(None, help="Trust text when its top probability is above this (default 0.7, or the tuned value).")
+IMAGE_THRESHOLD_OPTION = typer.Option(None, help="Trust the image when its top probability is above this (default 0.7, or tuned).")
+BLEND_WEIGHT_OPTION = typer.Option(None, help="Text weight when blending (default 0.5, or tuned).")
+FALLBACK_OPTION = typer.Option(None, help="Class for rows with neither text nor image (default: most frequent training class).")
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -100,7 +105,7 @@ def train_text(
     from museum.text.train import train_text_model
 
     weight = _parse_blend_weight(blend_weight)
-    _parse_share("--vectors-weight", str(vectors_weight))
+    _check_share("--vectors-weight", vectors_weight)
     if epochs < 1:
         raise MuseumError(f"--epochs {epochs}: must be at least 1")
     config = TextConfig(
@@ -116,13 +121,18 @@ def _parse_blend_weight(value: str) -> float | None:
 
 
 def _parse_share(option: str, value: str) -> float:
-    """A number in [0, 1] given on the command line, or a one-line error naming the option."""
+    """A number in [0, 1] given on the command line as text, or a one-line error naming the option."""
     try:
         share = float(value)
     except ValueError:
         raise MuseumError(f"{option} {value}: expected a number between 0 and 1, or auto") from None
+    return _check_share(option, share, value)
+
+
+def _check_share(option: str, share: float, given: str | None = None) -> float:
+    """`share` if it lies in [0, 1]; else a one-line error quoting the value as given."""
     if not 0.0 <= share <= 1.0:
-        raise MuseumError(f"{option} {value}: must be between 0 and 1")
+        raise MuseumError(f"{option} {given if given is not None else share}: must be between 0 and 1")
     return share
 
 
@@ -186,10 +196,10 @@ def submit_cmd(
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
     out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission to write (guid,typology)."),
-    text_threshold: Optional[float] = typer.Option(None, help="Trust text when its top probability is above this (default 0.7, or the tuned value)."),
-    image_threshold: Optional[float] = typer.Option(None, help="Trust the image when its top probability is above this (default 0.7, or tuned)."),
-    blend_weight: Optional[float] = typer.Option(None, help="Text weight when blending (default 0.5, or tuned)."),
-    fallback: Optional[str] = typer.Option(None, help="Class for rows with neither text nor image (default: most frequent training class)."),
+    text_threshold: Optional[float] = TEXT_THRESHOLD_OPTION,
+    image_threshold: Optional[float] = IMAGE_THRESHOLD_OPTION,
+    blend_weight: Optional[float] = BLEND_WEIGHT_OPTION,
+    fallback: Optional[str] = FALLBACK_OPTION,
     proba: Optional[Path] = typer.Option(None, "--proba", help="Also write per-class probabilities and each row's route here."),
     settings: Optional[Path] = typer.Option(None, "--settings", help="Tuned settings (default: fusion.json beside the model folders)."),
     batch_size: int = BATCH_OPTION,
@@ -242,10 +252,10 @@ def evaluate_cmd(
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
-    text_threshold: Optional[float] = typer.Option(None, help="Override the text threshold (default 0.7, or tuned)."),
-    image_threshold: Optional[float] = typer.Option(None, help="Override the image threshold (default 0.7, or tuned)."),
-    blend_weight: Optional[float] = typer.Option(None, help="Override the blend weight (default 0.5, or tuned)."),
-    fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality."),
+    text_threshold: Optional[float] = TEXT_THRESHOLD_OPTION,
+    image_threshold: Optional[float] = IMAGE_THRESHOLD_OPTION,
+    blend_weight: Optional[float] = BLEND_WEIGHT_OPTION,
+    fallback: Optional[str] = FALLBACK_OPTION,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all metrics as JSON here."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write report.html (+ figures) for the cascade here."),
     batch_size: int = BATCH_OPTION,
@@ -495,8 +505,6 @@ def eda_cmd(
 
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
-    if out is not None and out.exists() and not out.is_dir():
-        raise MuseumError(f"--out {out}: is a file; give a folder")
     typer.echo(run_eda(path, images, stats, out).text)
 
 

@@ -51,7 +51,7 @@ class TextConfig:
     # TF-IDF expert, word-vector expert and the blend
     tfidf: bool = True
     tfidf_c: float = 0.2
-    tfidf_refit: bool = True  # refit the linear experts on train + validation once the blend is chosen
+    linear_refit: bool = True  # refit the linear experts on train + validation once the blend is chosen
     vectors_weight: float = 0.2  # weight of the navec word-vector expert in the blend; 0 = no such expert
     vectors_c: float = 0.03
     # BiLSTM weight in the (geometric) blend, TF-IDF gets the rest; None = chosen on validation.

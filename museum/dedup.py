@@ -33,7 +33,7 @@ import numpy as np
 from museum.data.competition import is_safe_id, normalise_description, read_competition_csv, stratified_split
 from museum.errors import MuseumError
 from museum.log import logger
-from museum.utils import atomic_path, write_json
+from museum.utils import atomic_path, output_folder, write_json
 
 # Chosen on scripts/bench_dedup.py (simpsons_small and quintuplets_faces, seeds 0/1): recall and
 # precision stay ≥ 0.95 for thresholds 0.95–0.97, floors 0.5–0.7 and hash limits 0.14–0.16; the
@@ -389,10 +389,7 @@ def run_dedup(path: str | Path, images: str | Path | None = None, out: str | Pat
     if keep not in KEEP:
         raise MuseumError(f"--keep {keep}: expected one of {', '.join(KEEP)}")
     items = load_dedup_items(path, images)
-    out_dir = Path(out) if out is not None else Path("reports") / f"dedup-{items.source.stem or items.source.name}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MuseumError(f"--out {out_dir}: is a file; give a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out, "dedup", items.source)
     start = time.perf_counter()
     groups: list[dict] = []
     if items.paths is not None:

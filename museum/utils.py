@@ -41,6 +41,16 @@ def resolve_device(name: str) -> str:
     raise MuseumError(f"--device {name}: expected auto, cpu or cuda")
 
 
+def output_folder(out: str | Path | None, kind: str, source: str | Path) -> Path:
+    """The folder a report command writes to (default `reports/KIND-NAME`), created; a file there is an error."""
+    source = Path(source)
+    folder = Path(out) if out is not None else Path("reports") / f"{kind}-{source.stem or source.name}"
+    if folder.exists() and not folder.is_dir():
+        raise MuseumError(f"--out {folder}: is a file; give a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.

@@ -60,6 +60,46 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()} if last else set()
 
 
+def stage_ends(trunk: nn.Sequential) -> list[int]:
+    """Indices of the trunk's blocks after which the channel count changes (and of its last block)."""
+    channels = []
+    was_training = trunk.training
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 64, 64)
+        trunk.eval()
+        for block in trunk:
+            x = block(x)
+            channels.append(x.shape[1])
+    trunk.train(was_training)
+    return [i for i in range(len(channels)) if i == len(channels) - 1 or channels[i + 1] != channels[i]]
+
+
+class StageFeatures(nn.Module):
+    """[mean ; max] pooled outputs of chosen trunk blocks + sqrt of an RGB colour histogram, in one vector."""
+
+    def __init__(self, trunk: nn.Sequential, taps: list[int], mean, std, hist_bins: int = 4) -> None:
+        super().__init__()
+        self.trunk, self.taps, self.hist_bins = trunk, sorted(taps), hist_bins
+        # Buffers, not parameters, and not saved: they come from the checkpoint's mean/std.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.hist_bins
+        bins = ((x * self.std + self.mean).clamp(0.0, 1.0) * (n - 1e-3)).long()
+        cell = ((bins[:, 0] * n + bins[:, 1]) * n + bins[:, 2]).flatten(1)
+        hist = torch.zeros(len(x), n ** 3, device=x.device, dtype=torch.float32)
+        hist.scatter_add_(1, cell, torch.ones_like(cell, dtype=torch.float32))
+        parts = []
+        for i, block in enumerate(self.trunk):
+            x = block(x)
+            if i in self.taps:
+                parts.append(torch.cat([x.float().mean((2, 3)), x.float().amax((2, 3))], 1))
+            if i == self.taps[-1]:
+                break
+        return torch.cat(parts + [(hist / cell.shape[1]).sqrt()], 1)
+
+
 def offline_mobilenet_file() -> Path | None:
     """The MobileNetV2 ImageNet file shipped by the offline weights package, if installed."""
     spec = importlib.util.find_spec(OFFLINE_PACKAGE)

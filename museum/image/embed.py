@@ -69,55 +69,6 @@ def feature_extractor(net: "nn.Module") -> "nn.Module":
     return net
 
 
-def _stage_ends(trunk: "nn.Sequential") -> list[int]:
-    """Indices of the trunk's blocks after which the channel count changes (and of its last block)."""
-    import torch
-
-    channels = []
-    was_training = trunk.training
-    with torch.no_grad():
-        x = torch.zeros(1, 3, 64, 64)
-        trunk.eval()
-        for block in trunk:
-            x = block(x)
-            channels.append(x.shape[1])
-    trunk.train(was_training)
-    return [i for i in range(len(channels)) if i == len(channels) - 1 or channels[i + 1] != channels[i]]
-
-
-def _make_stage_features():
-    import torch
-    from torch import nn
-
-    class StageFeatures(nn.Module):
-        """[mean ; max] pooled outputs of chosen trunk blocks + sqrt of a colour histogram, in one vector."""
-
-        def __init__(self, trunk: nn.Sequential, taps: list[int], mean, std) -> None:
-            super().__init__()
-            self.trunk, self.taps = trunk, sorted(taps)
-            # Buffers, not parameters, and not saved: they come from the checkpoint's mean/std.
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            rgb = (x * self.std + self.mean).clamp(0.0, 1.0)
-            bins = (rgb * (HIST_BINS - 1e-3)).long()
-            cell = (bins[:, 0] * HIST_BINS + bins[:, 1]) * HIST_BINS + bins[:, 2]
-            cell = cell.flatten(1)
-            hist = torch.zeros(len(x), HIST_BINS ** 3, device=x.device, dtype=torch.float32)
-            hist.scatter_add_(1, cell, torch.ones_like(cell, dtype=torch.float32))
-            parts = []
-            for i, block in enumerate(self.trunk):
-                x = block(x)
-                if i in self.taps:
-                    parts.append(torch.cat([x.float().mean((2, 3)), x.float().amax((2, 3))], 1))
-                if i == self.taps[-1]:
-                    break
-            return torch.cat(parts + [(hist / cell.shape[1]).sqrt()], 1)
-
-    return StageFeatures
-
-
 def head_extractor(net: "nn.Module", features: str, mean, std) -> tuple["nn.Module", str]:
     """(module returning feature vectors, the kind actually used) for a classifier network.
 
@@ -125,24 +76,26 @@ def head_extractor(net: "nn.Module", features: str, mean, std) -> tuple["nn.Modu
     """
     from torch import nn
 
+    from museum.image.backbones import StageFeatures, stage_ends
+
     if features not in FEATURES:
         raise MuseumError(f"--features {features}: expected one of {', '.join(FEATURES)}")
     trunk = getattr(net, "features", None)
     if features == "stages" and isinstance(trunk, nn.Sequential) and len(trunk) > 1:
-        return _make_stage_features()(trunk, _stage_ends(trunk)[-STAGES:], mean, std), "stages"
+        return StageFeatures(trunk, stage_ends(trunk)[-STAGES:], mean, std, HIST_BINS), "stages"
     return feature_extractor(net), "pooled"
 
 
-def build_extractor(backbone: str, weights: str, features: str = "pooled", mean=None, std=None) -> tuple["nn.Module", str]:
-    """The pretrained feature extractor and where its weights came from."""
+def build_extractor(backbone: str, weights: str, features: str = "pooled", mean=None, std=None) -> tuple["nn.Module", str, str]:
+    """(pretrained feature extractor, where its weights came from, the feature kind it returns)."""
     from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
     if weights == "none":
         # Random features make every head a coin toss: refuse rather than train on noise.
         raise MuseumError("--weights none: embedding heads need pretrained weights; use --weights imagenet or a .pth file")
     net, source = build_backbone(backbone, 1, weights)
-    extractor, _ = head_extractor(net, features, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-    return extractor.eval(), source
+    extractor, kind = head_extractor(net, features, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    return extractor.eval(), source, kind
 
 
 def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: str = "cpu", batch_size: int = 64,
@@ -235,8 +188,8 @@ def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: 
 
     start = time.perf_counter()
     if net is None:
-        net, source = build_extractor(spec["backbone"], spec["weights"], spec["features"], spec["mean"], spec["std"])
-        logger.info(f"embedding {len(paths)} images with {spec['backbone']} ({source}, {spec['features']} features) "
+        net, source, kind = build_extractor(spec["backbone"], spec["weights"], spec["features"], spec["mean"], spec["std"])
+        logger.info(f"embedding {len(paths)} images with {spec['backbone']} ({source}, {kind} features) "
                     f"at {spec['input_size']} px")
     cache, ok, failures = decode_cache(list(paths), spec["input_size"], workers or default_workers(),
                                        Path(cache_dir) if cache_dir else None, progress=True)
@@ -293,10 +246,6 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD
     from museum.utils import resolve_device
 
-    if features == "stages":  # what the backbone really supports, so `train-image --head` finds the same spec
-        from museum.image.backbones import build_backbone
-
-        features = head_extractor(build_backbone(backbone, 1, "none")[0], features, IMAGENET_MEAN, IMAGENET_STD)[1]
     spec = embed_spec(backbone, weights, resolve_input_size(input_size, items.paths, seed), IMAGENET_MEAN, IMAGENET_STD,
                       tta, features)
     return load_or_embed(items.paths, items.labels, spec, out, extra={"request_key": request_key},

@@ -52,7 +52,7 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
                 f"{len(paths)} train / {len(val_paths)} validation images")
 
     # One embedding pass (and one cache file) for training and validation rows together.
-    spec = embed_spec(config.backbone, config.weights, size, model.mean, model.std, config.tta, model.features)
+    spec = embed_spec(config.backbone, config.weights, size, model.mean, model.std, config.tta, config.head_features)
     emb = load_or_embed(list(paths) + list(val_paths), list(labels) + val_labels, spec, config.embeddings,
                         device=model.device, workers=config.workers, cache_dir=config.cache_dir, net=model.net)
     col = {c: i for i, c in enumerate(classes)}

@@ -22,7 +22,7 @@ from museum.data.competition import LABEL_COLUMN, is_safe_id, normalise_descript
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.reports import html, plots
-from museum.utils import write_json
+from museum.utils import output_folder, write_json
 
 STATS_FORMAT = "museum-channel-stats/1"
 # Each image is squashed to this square before its pixels are counted, as the trainer does,
@@ -62,7 +62,6 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
     path = Path(path)
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
-    out_dir = Path(out) if out is not None else Path("reports") / f"eda-{path.stem or path.name}"
     texts, image_paths, image_source = None, None, path
     if path.is_dir():
         if images is not None:
@@ -83,7 +82,7 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
     if stats and not image_paths:
         raise MuseumError(f"--stats: {path} has no images; give --images DIR or a folder of class sub-folders")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out, "eda", path)
     summary: dict = {"source": str(path), "rows": len(labels) if labels is not None else len(texts or [])}
     sections = []
     if labels is not None:

@@ -74,9 +74,11 @@ class TextModel:
         self.stats_: dict = {}
 
         start = time.perf_counter()
+        # Loaded once: it warm-starts Word2Vec and feeds the word-vector expert.
+        navec = load_navec() if cfg.navec or cfg.vectors_weight > 0 else None
         self.vocab_, vectors, self.stats_["word2vec"] = train_word_vectors(
             train_tokens + val_tokens + extra_tokens, dim=cfg.w2v_dim, epochs=cfg.w2v_epochs,
-            min_count=cfg.w2v_min_count, seed=cfg.seed, use_navec=cfg.navec, mean_norm=cfg.embedding_norm,
+            min_count=cfg.w2v_min_count, seed=cfg.seed, navec=navec if cfg.navec else None, mean_norm=cfg.embedding_norm,
         )
         self.stats_["word2vec"]["seconds"] = time.perf_counter() - start
         self._index = {w: i for i, w in enumerate(self.vocab_)}
@@ -101,11 +103,9 @@ class TextModel:
 
         self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(texts, labels) if cfg.tfidf else None
         self.vectors_ = None
-        if cfg.vectors_weight > 0:
-            navec = load_navec()
-            if navec is not None:
-                words, table = pretrained_table(train_tokens + val_tokens + extra_tokens, navec)
-                self.vectors_ = WordVectorExpert(cfg.vectors_c, cfg.seed).fit(train_tokens, labels, words, table)
+        if cfg.vectors_weight > 0 and navec is not None:
+            words, table = pretrained_table(train_tokens + val_tokens + extra_tokens, navec)
+            self.vectors_ = WordVectorExpert(cfg.vectors_c, cfg.seed).fit(train_tokens, labels, words, table)
         self.blend_weights_ = self._weights(cfg.blend_weight if cfg.blend_weight is not None else 0.0)
         self.blend_temperature_ = 1.0
         # Validation probabilities as the experts stand before any refit: for the blend
@@ -119,9 +119,9 @@ class TextModel:
         self.blend_temperature_ = fit_temperature(np.log(np.clip(self.blend(self.val_probas_), 1e-12, None)), y_val)
         # The blend is chosen; the linear experts (seconds to fit, no early stopping) now also
         # learn from the validation rows.
-        if self.tfidf_ is not None and cfg.tfidf_refit:
+        if self.tfidf_ is not None and cfg.linear_refit:
             self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(list(texts) + list(val_texts), list(labels) + list(val_labels))
-        if self.vectors_ is not None and cfg.tfidf_refit:
+        if self.vectors_ is not None and cfg.linear_refit:
             self.vectors_ = WordVectorExpert(cfg.vectors_c, cfg.seed).fit(
                 train_tokens + val_tokens, list(labels) + list(val_labels), self.vectors_.words_, self.vectors_.vectors_)
         return self

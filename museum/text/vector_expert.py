@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from museum.calibration import softmax
+
 
 class WordVectorExpert:
     """[first known word ; mean of known words] pretrained vectors → balanced logistic regression."""
@@ -25,7 +27,7 @@ class WordVectorExpert:
         self.c = c
         self.seed = seed
 
-    def _features(self, token_lists: list[list[str]]) -> np.ndarray:
+    def _raw_features(self, token_lists: list[list[str]]) -> np.ndarray:
         dim = self.vectors_.shape[1]
         out = np.zeros((len(token_lists), 2 * dim), dtype=np.float32)
         for i, tokens in enumerate(token_lists):
@@ -33,7 +35,10 @@ class WordVectorExpert:
             if rows:
                 out[i, :dim] = self.vectors_[rows[0]]
                 out[i, dim:] = self.vectors_[rows].mean(axis=0)
-        return (out - self.mean_) / self.scale_
+        return out
+
+    def _features(self, token_lists: list[list[str]]) -> np.ndarray:
+        return (self._raw_features(token_lists) - self.mean_) / self.scale_
 
     def fit(self, token_lists: list[list[str]], labels: list[str], words: list[str], vectors: np.ndarray) -> "WordVectorExpert":
         """`words`/`vectors`: the pretrained table (only words that occur in the texts need be there)."""
@@ -42,8 +47,7 @@ class WordVectorExpert:
         self.index_ = {w: i for i, w in enumerate(self.words_)}
         # Stored as float16: fit on the rounded values so a loaded model predicts exactly the same.
         self.vectors_ = np.asarray(vectors, dtype=np.float16).astype(np.float32)
-        self.mean_, self.scale_ = np.zeros(1, np.float32), np.ones(1, np.float32)
-        raw = self._features(token_lists)
+        raw = self._raw_features(token_lists)
         self.mean_ = raw.mean(axis=0)
         self.scale_ = np.where(raw.std(axis=0) > 1e-6, raw.std(axis=0), 1.0).astype(np.float32)
         head = LogisticRegression(C=self.c, max_iter=3000, class_weight="balanced", random_state=self.seed)
@@ -54,8 +58,6 @@ class WordVectorExpert:
 
     def predict_proba(self, token_lists: list[list[str]]) -> np.ndarray:
         """Probabilities with columns in `classes_` order."""
-        from museum.calibration import softmax
-
         logits = self._features(token_lists) @ self.coef_.T + self.intercept_
         if logits.shape[1] == 1:  # scikit-learn's binary form: one logit for the second class
             logits = np.concatenate([np.zeros_like(logits), logits], axis=1)

@@ -54,11 +54,12 @@ def train_word_vectors(
     epochs: int = 10,
     min_count: int = 1,
     seed: int = 0,
-    use_navec: bool = True,
+    navec=None,
     mean_norm: float = 16.0,
 ) -> tuple[list[str], np.ndarray, dict]:
     """Train Word2Vec on tokenized sentences; return (vocabulary, vectors, stats).
 
+    `navec` (from `load_navec`, or None for random starts) warm-starts the words it knows.
     The vocabulary starts with PAD (zeros) and UNK (mean vector); stats count navec hits.
     Vectors are rescaled so that their mean norm is `mean_norm`: the BiLSTM on top was
     measured to learn far better from large-norm inputs (CV macro-F1 ≈ 0.53 at norm ≈ 1,
@@ -66,7 +67,6 @@ def train_word_vectors(
     """
     from gensim.models import Word2Vec
 
-    navec = load_navec() if use_navec else None
     if navec is not None and dim != navec.pq.dim:
         logger.info(f"navec vectors are {navec.pq.dim}-d; using dim={navec.pq.dim} instead of {dim}")
         dim = navec.pq.dim
