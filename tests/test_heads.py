@@ -51,6 +51,23 @@ def test_head_search_is_reproducible(blobs):
     np.testing.assert_array_equal(a.predict_proba(x), b.predict_proba(x))
 
 
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_linear_heads_on_wide_features_match_a_full_width_fit(kind):
+    """More features than rows: the head is fitted in the rows' span, then mapped back (exact)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [20, 15, 10])
+    x = (rng.normal(size=(3, 500))[y] * 0.3 + rng.normal(size=(len(y), 500))).astype(np.float32)
+    head, info = fit_head(kind, x, y, n_classes=3, seed=0)
+    assert head.estimator.coef_.shape == (3, 500) and head.projection is None
+    z = head.prepare(x)
+    full = (LogisticRegression(C=info["params"]["C"], class_weight="balanced", max_iter=3000, tol=1e-8) if kind == "logreg"
+            else LinearSVC(C=info["params"]["C"], class_weight="balanced", max_iter=100000, tol=1e-8)).fit(z, y)
+    np.testing.assert_allclose(head.estimator.decision_function(z), full.decision_function(z), atol=2e-3)
+
+
 def test_unreadable_head_is_one_line_error(tmp_path):
     (tmp_path / "head.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(MuseumError, match="not a head"):

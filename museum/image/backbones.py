@@ -7,6 +7,7 @@ is located, never imported: importing third-party code just to find a file is no
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import socket
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from museum.errors import MuseumError
 from museum.log import logger
@@ -98,6 +100,28 @@ class StageFeatures(nn.Module):
             if i == self.taps[-1]:
                 break
         return torch.cat(parts + [(hist / cell.shape[1]).sqrt()], 1)
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with each Conv2d → BatchNorm2d pair of a Sequential folded into one Conv2d.
+
+    Same outputs up to float rounding (≈1e-5), and on a CPU about twice as fast: measured on
+    MobileNetV2 at 160 px, batch-norm took as long as the convolutions themselves. MobileNet,
+    EfficientNet and RegNet build every conv block as such a Sequential; pairs held as separate
+    attributes (ResNet's conv1/bn1) are left as they are.
+    """
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        return model.eval()  # a lazy layer not yet shaped: a copy would draw its own weights
+    model = copy.deepcopy(model).eval()
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        for i in range(len(parent) - 1):
+            conv, norm = parent[i], parent[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+                parent[i], parent[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+    return model
 
 
 def offline_mobilenet_file() -> Path | None:

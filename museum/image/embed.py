@@ -107,8 +107,9 @@ def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: s
     from tqdm import tqdm
 
     from museum.image.augment import normalize
+    from museum.image.backbones import inference_copy
 
-    net = net.to(device).eval()
+    net = inference_copy(net).to(device)
     mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     out = []
     with torch.no_grad(), tqdm(total=len(images), unit="img", desc="embed", disable=None if progress else True,

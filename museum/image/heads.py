@@ -80,6 +80,20 @@ def _search_space(kind: str, seed: int) -> tuple[Any, dict]:
     raise MuseumError(f"--head {kind}: expected one of {', '.join(HEADS)}")
 
 
+def row_space(x: np.ndarray) -> np.ndarray:
+    """(d, r) orthonormal basis of the span of the rows of `x` (r ≤ n rows).
+
+    An L2-regularised linear model's weights always lie in the span of its training rows
+    (representer theorem), so with fewer rows than features, logistic regression and the linear
+    SVM fitted on `x @ basis` are the full-width models exactly, in r instead of d dimensions:
+    on 362 images × 3,904 stage features the SVM search went from 4.3 s to well under one.
+    Every cross-validation fold's rows lie in the same span, so the search is exact as well.
+    """
+    _, s, vt = np.linalg.svd(np.asarray(x, dtype=np.float64), full_matrices=False)
+    rank = int((s > s[0] * max(x.shape) * np.finfo(np.float32).eps).sum()) if len(s) else 0
+    return np.ascontiguousarray(vt[:max(rank, 1)].T, dtype=np.float32)
+
+
 def cv_folds(y: np.ndarray, seed: int) -> StratifiedKFold | None:
     """5 folds (3 above 3000 rows, where the estimate is stable anyway); None when a class has < 2 rows."""
     smallest = int(np.bincount(y).min()) if len(y) else 0
@@ -203,6 +217,9 @@ def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, se
         _, _, vt = np.linalg.svd(prepared.prepare(features), full_matrices=False)
         prepared.projection = np.ascontiguousarray(vt[:MLP_COMPONENTS].T, dtype=np.float32)
     x, y = prepared.prepare(features), np.asarray(y, dtype=np.int64)
+    basis = row_space(x) if kind in ("logreg", "svm") and x.shape[1] > x.shape[0] else None
+    if basis is not None:
+        x = x @ basis
     estimator, grid = _search_space(kind, seed)
     fit_params = {"sample_weight": compute_sample_weight("balanced", y)} if kind == "mlp" else {}
     folds = cv_folds(y, seed)
@@ -228,6 +245,9 @@ def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, se
         scores = np.asarray(scores, dtype=np.float64).reshape(len(y), -1)
         temperature = fit_temperature(scores, np.searchsorted(estimator.classes_, y))
         info["temperature"] = temperature
+    if basis is not None:  # back to the full feature space: the stored head needs no basis
+        estimator.coef_ = np.ascontiguousarray(estimator.coef_ @ basis.T)
+        estimator.n_features_in_ = basis.shape[0]
     info["seconds"] = round(time.perf_counter() - start, 2)
     return Head(kind, estimator, n_classes, {k: _plain(v) for k, v in params.items()}, temperature,
                 prepared.mean, prepared.scale, prepared.projection), info

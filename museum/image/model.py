@@ -20,7 +20,7 @@ from museum.config import ImageConfig, config_from_dict, config_to_dict
 from museum.data.images import decode_loader, image_to_tensor, to_rgb
 from museum.errors import MuseumError
 from museum.image.augment import normalize
-from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, inference_copy
 from museum.utils import resolve_device
 
 CHECKPOINT_FORMAT = "museum-image/1"
@@ -41,6 +41,7 @@ class ImageModel:
         self.head = None  # a fitted `museum.image.heads.Head` on frozen features (`--head`), else None
         self.features: str | None = None  # with a head: the feature kind `net` returns (embed.FEATURES)
         self.decision: dict | None = None  # binary tasks: {"positive": class, "threshold": raw probability}
+        self._fused: tuple | None = None  # (net it was made from, its fused inference copy)
 
     # ------------------------------------------------------------------ training
 
@@ -57,6 +58,7 @@ class ImageModel:
 
         fit_image_model(self, list(paths), list(labels), None if val_paths is None else list(val_paths),
                         None if val_labels is None else list(val_labels), out, resume)
+        self._fused = None  # the weights may have changed in place
         return self
 
     def build(self, classes: list[str], input_size: int, weights: str, head: bool = False) -> str:
@@ -90,9 +92,16 @@ class ImageModel:
         """Normalisation mean and std as tensors on the model's device (built once per call, not per batch)."""
         return torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
 
+    def _inference_net(self) -> torch.nn.Module:
+        """A conv/batch-norm fused eval copy of `net` (`inference_copy`), rebuilt when `net` is replaced."""
+        net = self._check_fitted()
+        if self._fused is None or self._fused[0] is not net:
+            self._fused = (net, inference_copy(net).to(self.device))
+        return self._fused[1]
+
     @torch.no_grad()
     def _proba_uint8(self, batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-        net = self._check_fitted()
+        net = self._inference_net()
         x = normalize(batch.to(self.device), mean, std)
         logits = net(x).float()
         if self.config.tta:  # the mirror view, as validation scored it
