@@ -68,6 +68,18 @@ def test_linear_heads_on_wide_features_match_a_full_width_fit(kind):
     np.testing.assert_allclose(head.estimator.decision_function(z), full.decision_function(z), atol=2e-3)
 
 
+def test_search_runs_on_a_stratified_subsample_and_refits_on_all_rows(blobs, monkeypatch):
+    from museum.image import heads
+
+    x, y = blobs
+    rows = heads.search_rows(y, 30, seed=0)
+    np.testing.assert_array_equal(rows, heads.search_rows(y, 30, seed=0))
+    assert 28 <= len(rows) <= 32 and set(np.bincount(y[rows])) == {15, 10, 5}
+    monkeypatch.setattr(heads, "SEARCH_ROWS", 30)
+    head, info = fit_head("knn", x, y, n_classes=3, seed=0)
+    assert info["search_rows"] == len(rows) and len(head.estimator._fit_X) == len(y)
+
+
 def test_unreadable_head_is_one_line_error(tmp_path):
     (tmp_path / "head.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(MuseumError, match="not a head"):

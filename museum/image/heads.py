@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
@@ -38,6 +39,10 @@ MLP_HIDDEN = 128
 # The MLP sees the top principal components only: on ~4,000-d stage features L-BFGS took 36–49 s
 # per search on a few hundred images; on 256 components it takes a few seconds.
 MLP_COMPONENTS = 256
+# The grid search sees at most this many rows (a stratified subsample); the chosen setting is
+# refitted on all rows. On 6,400 images × 3,904 features a full search of the SVM ran past 10 min;
+# searching 2,000 rows still took 100 s, 1,000 rows 16 s (+ 22 s for the refit), at 0.0-0.02 lower macro-F1.
+SEARCH_ROWS = 1000
 
 
 class BalancedKNN(KNeighborsClassifier):
@@ -69,7 +74,9 @@ def _search_space(kind: str, seed: int) -> tuple[Any, dict]:
     if kind == "logreg":
         return LogisticRegression(class_weight="balanced", max_iter=3000), {"C": [0.003, 0.01, 0.03, 0.1]}
     if kind == "svm":
-        return LinearSVC(class_weight="balanced", max_iter=5000, random_state=seed), {"C": [0.0003, 0.001, 0.003, 0.01]}
+        # The dual solver: on 6,400 rows × 3,904 features one fit took 22 s against 67 s for the primal.
+        return (LinearSVC(class_weight="balanced", dual=True, max_iter=5000, random_state=seed),
+                {"C": [0.0003, 0.001, 0.003, 0.01]})
     if kind == "mlp":
         # Balanced through sample weights (MLPClassifier has no class_weight). L-BFGS: on a few
         # thousand rows it converges in far fewer passes than Adam, and deterministically.
@@ -210,40 +217,42 @@ def fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, see
 def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> tuple[Head, dict]:
     start = time.perf_counter()
     features = np.asarray(features, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
     std = features.std(axis=0)
     prepared = Head(kind, None, n_classes, mean=features.mean(axis=0), scale=np.where(std > 1e-6, std, 1.0).astype(np.float32))
+    sub = search_rows(y, SEARCH_ROWS, seed)
     if kind == "mlp" and features.shape[1] > MLP_COMPONENTS:
         # With fewer rows than that, all of them span the data: nothing is lost.
-        _, _, vt = np.linalg.svd(prepared.prepare(features), full_matrices=False)
+        _, _, vt = np.linalg.svd(prepared.prepare(features[sub]), full_matrices=False)
         prepared.projection = np.ascontiguousarray(vt[:MLP_COMPONENTS].T, dtype=np.float32)
-    x, y = prepared.prepare(features), np.asarray(y, dtype=np.int64)
-    basis = row_space(x) if kind in ("logreg", "svm") and x.shape[1] > x.shape[0] else None
-    if basis is not None:
-        x = x @ basis
+    x = prepared.prepare(features)
     estimator, grid = _search_space(kind, seed)
-    fit_params = {"sample_weight": compute_sample_weight("balanced", y)} if kind == "mlp" else {}
-    folds = cv_folds(y, seed)
-    info: dict = {"kind": kind, "folds": folds.get_n_splits() if folds else 0}
+    folds = cv_folds(y[sub], seed)
+    info: dict = {"kind": kind, "folds": folds.get_n_splits() if folds else 0, "search_rows": len(sub)}
+    x_all, basis = _solver_space(kind, x)
+    x_sub = x_all if len(sub) == len(y) else _solver_space(kind, x[sub])[0]
+    scores = None
     if folds is None or len(np.unique(y)) < 2:
         params = {k: v[0] for k, v in grid.items()}  # too few rows per class to cross-validate
-        estimator.set_params(**params).fit(x, y, **fit_params)
         info.update(params=params, cv_macro_f1=None, grid=[])
     else:
-        search = GridSearchCV(estimator, grid, scoring="f1_macro", cv=folds, n_jobs=1, refit=True)
-        search.fit(x, y, **fit_params)
-        estimator, params = search.best_estimator_, dict(search.best_params_)
+        search = GridSearchCV(estimator, grid, scoring="f1_macro", cv=folds, n_jobs=1, refit=False)
+        search.fit(x_sub, y[sub], **_fit_params(kind, y[sub]))
+        params = dict(search.best_params_)
         info.update(params=params, cv_macro_f1=float(search.best_score_),
                     grid=[{"params": p, "macro_f1": float(s)}
                           for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])])
+        if kind == "svm":  # held-out margins, for the temperature below
+            scores = cross_val_predict(clone(estimator).set_params(**params), x_sub, y[sub], cv=folds,
+                                       method="decision_function")
+    estimator.set_params(**params).fit(x_all, y, **_fit_params(kind, y))
     temperature = 1.0
     if kind == "svm":
         # Margins are not probabilities: scale them by the temperature that fits held-out rows best.
-        if folds is not None:
-            scores = cross_val_predict(LinearSVC(**estimator.get_params()), x, y, cv=folds, method="decision_function")
-        else:
-            scores = estimator.decision_function(x)
-        scores = np.asarray(scores, dtype=np.float64).reshape(len(y), -1)
-        temperature = fit_temperature(scores, np.searchsorted(estimator.classes_, y))
+        held_out = scores is not None
+        scores = np.asarray(scores if held_out else estimator.decision_function(x_all), dtype=np.float64)
+        target = y[sub] if held_out else y
+        temperature = fit_temperature(scores.reshape(len(target), -1), np.searchsorted(estimator.classes_, target))
         info["temperature"] = temperature
     if basis is not None:  # back to the full feature space: the stored head needs no basis
         estimator.coef_ = np.ascontiguousarray(estimator.coef_ @ basis.T)
@@ -251,6 +260,35 @@ def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, se
     info["seconds"] = round(time.perf_counter() - start, 2)
     return Head(kind, estimator, n_classes, {k: _plain(v) for k, v in params.items()}, temperature,
                 prepared.mean, prepared.scale, prepared.projection), info
+
+
+def _fit_params(kind: str, y: np.ndarray) -> dict:
+    # MLPClassifier has no class_weight: balance it through sample weights.
+    return {"sample_weight": compute_sample_weight("balanced", y)} if kind == "mlp" else {}
+
+
+def _solver_space(kind: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rows as the solver sees them, basis or None): linear heads with more features than rows work in the rows' span."""
+    if kind in ("logreg", "svm") and x.shape[1] > x.shape[0]:
+        basis = row_space(x)
+        return x @ basis, basis
+    return x, None
+
+
+def search_rows(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified subsample of at most about `limit` rows (all rows when fewer).
+
+    Every class keeps its share, and at least 2 rows when it has them, so cross-validation still sees it.
+    """
+    if len(y) <= limit:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        take = min(len(rows), max(2, int(round(limit * len(rows) / len(y)))))
+        picked.append(rng.choice(rows, size=take, replace=False))
+    return np.sort(np.concatenate(picked))
 
 
 def _plain(value):
