@@ -2,7 +2,8 @@
 
 On a few hundred images a linear model on pretrained features trains in seconds where
 fine-tuning takes minutes on a CPU, and is often about as good. Every head is class-balanced
-and picks its hyper-parameters from a small grid by stratified cross-validated macro-F1.
+and picks its hyper-parameters from a small grid by stratified cross-validated macro-F1
+(on at most SEARCH_ROWS rows), then is refitted on all rows.
 
 Fitted heads are stored as plain arrays (`head.npz`) plus their settings (`head.json`) and
 rebuilt by setting the fitted attributes on a fresh estimator (or, for k-NN, by refitting
@@ -102,11 +103,11 @@ def row_space(x: np.ndarray) -> np.ndarray:
 
 
 def cv_folds(y: np.ndarray, seed: int) -> StratifiedKFold | None:
-    """5 folds (3 above 3000 rows, where the estimate is stable anyway); None when a class has < 2 rows."""
+    """5 stratified folds (fewer when the smallest class is smaller); None when a class has < 2 rows."""
     smallest = int(np.bincount(y).min()) if len(y) else 0
     if smallest < 2:
         return None
-    return StratifiedKFold(n_splits=min(5 if len(y) <= 3000 else 3, smallest), shuffle=True, random_state=seed)
+    return StratifiedKFold(n_splits=min(5, smallest), shuffle=True, random_state=seed)
 
 
 @dataclass
