@@ -312,9 +312,10 @@ def test_flip_averaged_logits_are_mirror_invariant():
     torch.testing.assert_close(both, engine.predict_logits(net, batches(x.flip(3)), "cpu", lambda b: b, tta_flip=True))
 
 
-def test_inference_copy_folds_batch_norm_without_changing_outputs():
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_inference_copy_folds_batch_norm_without_changing_outputs(name):
     torch.manual_seed(0)
-    net, _ = backbones.build_backbone("mobilenet_v2", 3, "none")
+    net, _ = backbones.build_backbone(name, 3, "none")
     for m in net.modules():  # non-trivial running statistics, as after training
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
