@@ -80,6 +80,14 @@ def test_search_runs_on_a_stratified_subsample_and_refits_on_all_rows(blobs, mon
     assert info["search_rows"] == len(rows) and len(head.estimator._fit_X) == len(y)
 
 
+def test_knn_grid_never_asks_for_more_neighbours_than_a_fold_has(recwarn):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 3)
+    head, info = fit_head("knn", rng.normal(size=(9, 8)).astype(np.float32), y, n_classes=3, seed=0)
+    assert info["params"]["n_neighbors"] <= 6 and all(g["macro_f1"] == g["macro_f1"] for g in info["grid"])  # no NaN
+    assert not [w for w in recwarn if "fit" in str(w.message).lower() or "non-finite" in str(w.message)]
+
+
 def test_unreadable_head_is_one_line_error(tmp_path):
     (tmp_path / "head.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(MuseumError, match="not a head"):

@@ -229,6 +229,9 @@ def _fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, se
     x = prepared.prepare(features)
     estimator, grid = _search_space(kind, seed)
     folds = cv_folds(y[sub], seed)
+    if kind == "knn":  # no more neighbours than the smallest training part has rows
+        fewest = len(sub) - -(-len(sub) // folds.get_n_splits()) if folds else len(y)
+        grid = {"n_neighbors": [k for k in grid["n_neighbors"] if k <= fewest] or [max(1, min(fewest, len(y)))]}
     info: dict = {"kind": kind, "folds": folds.get_n_splits() if folds else 0, "search_rows": len(sub)}
     x_all, basis = _solver_space(kind, x)
     x_sub = x_all if len(sub) == len(y) else _solver_space(kind, x[sub])[0]
