@@ -203,6 +203,8 @@ def stratified_folds(labels: list[str], n_folds: int = 5, seed: int = 0) -> list
     counts = Counter(labels)
     if min(counts.values()) < n_folds:
         rare = [c for c, n in counts.items() if n < n_folds]
-        raise MuseumError(f"{n_folds}-fold CV: classes with fewer than {n_folds} rows: {', '.join(rare)}")
+        smallest = min(counts.values())
+        hint = f"pass --folds {smallest} or fewer" if smallest >= 2 else "add rows to them or drop them"
+        raise MuseumError(f"{n_folds}-fold CV: classes with fewer than {n_folds} rows: {', '.join(rare[:10])}; {hint}")
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return list(skf.split(np.zeros(len(y)), y))
