@@ -143,22 +143,16 @@ def _text_oof(texts: list[str], y: np.ndarray, classes: list[str], splits, seed:
 
 def _image_oof(paths: list[Path | None], y: np.ndarray, classes: list[str], splits, seed: int,
                cache_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, mask) from a logistic head on cached backbone embeddings; unreadable images are unscored."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """(probabilities, mask) from `train-image --head logreg` on cached stage embeddings; unreadable images are unscored."""
     from museum.dedup import image_embeddings
+    from museum.image.heads import fit_head
 
-    # Stage features, standardised, strongly regularised: the `train-image --head logreg` set-up.
     feats, ok = image_embeddings(paths, cache_file, features="stages")
     proba = np.zeros((len(paths), len(classes)), dtype=np.float32)
     for k, (train_idx, test_idx) in enumerate(splits):
         train_idx, test_idx = train_idx[ok[train_idx]], test_idx[ok[test_idx]]
-        head = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced",
-                                                                  random_state=seed + k))
-        head.fit(feats[train_idx], y[train_idx])
-        proba[np.ix_(test_idx, head.classes_)] = head.predict_proba(feats[test_idx])
+        head, _ = fit_head("logreg", feats[train_idx], y[train_idx], len(classes), seed + k)
+        proba[test_idx] = head.predict_proba(feats[test_idx])
         logger.info(f"image fold {k + 1}/{len(splits)}: {len(train_idx)} images trained, {len(test_idx)} scored")
     return proba, ok
 

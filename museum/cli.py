@@ -316,6 +316,7 @@ def train_image(
 ) -> None:
     """Fine-tune an ImageNet CNN (or fit a head on its embeddings) on a folder-per-class set or the competition's photos."""
     from museum.config import ImageConfig
+    from museum.image.embed import check_features
     from museum.image.heads import HEADS
     from museum.image.train import BALANCE, train_image_model
 
@@ -347,8 +348,7 @@ def train_image(
         raise MuseumError(f"--head {head}: expected one of {', '.join(HEADS)}")
     if head != "finetune" and resume:
         raise MuseumError(f"--resume: a {head} head trains in one go; drop --resume")
-    if head_features not in ("stages", "pooled"):
-        raise MuseumError(f"--head-features {head_features}: expected stages or pooled")
+    check_features(head_features, "--head-features")
     if embeddings is not None and head == "finetune":
         raise MuseumError("--embeddings: only used with --head logreg|svm|mlp|knn")
     if target_precision is not None and not 0.0 < target_precision <= 1.0:

@@ -86,7 +86,7 @@ def run_model(name, make, table, folds, extra):
         accs.append(m["accuracy"])
         fold_info = {"fold": k, "macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "fit_seconds": fit_s[-1]}
         if hasattr(model, "blend_weights_"):
-            fold_info.update({f"weight_{k}": w for k, w in model.blend_weights_.items()})
+            fold_info.update({f"weight_{expert}": w for expert, w in model.blend_weights_.items()})
             fold_info["best_epoch"] = model.best_epoch_
             for expert, p in model.expert_probas(test.descriptions).items():
                 fold_info[f"{expert}_macro_f1"] = classification_metrics(test.labels, [model.classes_[i] for i in p.argmax(1)])["macro_f1"]

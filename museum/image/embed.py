@@ -69,6 +69,13 @@ def feature_extractor(net: "nn.Module") -> "nn.Module":
     return net
 
 
+def check_features(kind: str, option: str = "--features") -> str:
+    """`kind` if it is one of FEATURES; else a one-line error naming the option."""
+    if kind not in FEATURES:
+        raise MuseumError(f"{option} {kind}: expected one of {', '.join(FEATURES)}")
+    return kind
+
+
 def head_extractor(net: "nn.Module", features: str, mean, std) -> tuple["nn.Module", str]:
     """(module returning feature vectors, the kind actually used) for a classifier network.
 
@@ -78,8 +85,7 @@ def head_extractor(net: "nn.Module", features: str, mean, std) -> tuple["nn.Modu
 
     from museum.image.backbones import StageFeatures, stage_ends
 
-    if features not in FEATURES:
-        raise MuseumError(f"--features {features}: expected one of {', '.join(FEATURES)}")
+    check_features(features)
     trunk = getattr(net, "features", None)
     if features == "stages" and isinstance(trunk, nn.Sequential) and len(trunk) > 1:
         return StageFeatures(trunk, stage_ends(trunk)[-STAGES:], mean, std, HIST_BINS), "stages"
@@ -234,8 +240,7 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     from museum.data.images import list_competition_images, list_image_folder
 
     items = list_competition_images(train_csv, images) if train_csv is not None else list_image_folder(images)
-    if features not in FEATURES:
-        raise MuseumError(f"--features {features}: expected one of {', '.join(FEATURES)}")
+    check_features(features)
     request = {"backbone": backbone, "weights": weights, "input_size": input_size, "tta": tta, "seed": seed,
                "features": features}
     request_key = data_key(items.paths, request)

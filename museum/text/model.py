@@ -39,7 +39,6 @@ from museum.utils import atomic_path, resolve_device, seed_everything, write_jso
 FORMAT = "museum.text/1"
 BLEND_GRID = np.round(np.linspace(0.0, 0.8, 17), 2)
 BLEND_RANGE = (0.1, 0.6)
-EXPERTS = ("lstm", "tfidf", "vectors")
 
 
 class TextModel:
@@ -101,11 +100,11 @@ class TextModel:
         # calibrated TF-IDF expert weighs evidence, not overconfidence.
         self.lstm_temperature_ = fit_temperature(predict_logits(self.lstm_, *val_enc[:2], "cpu"), y_val)
 
-        self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(texts, labels) if cfg.tfidf else None
-        self.vectors_ = None
-        if cfg.vectors_weight > 0 and navec is not None:
-            words, table = pretrained_table(train_tokens + val_tokens + extra_tokens, navec)
-            self.vectors_ = WordVectorExpert(cfg.vectors_c, cfg.seed).fit(train_tokens, labels, words, table)
+        # Word vectors for every word of every text, training or not: the refit below and
+        # prediction on validation rows need them too.
+        table = (pretrained_table(train_tokens + val_tokens + extra_tokens, navec)
+                 if cfg.vectors_weight > 0 and navec is not None else None)
+        self._fit_linear_experts(texts, train_tokens, labels, table)
         self.blend_weights_ = self._weights(cfg.blend_weight if cfg.blend_weight is not None else 0.0)
         self.blend_temperature_ = 1.0
         # Validation probabilities as the experts stand before any refit: for the blend
@@ -119,12 +118,17 @@ class TextModel:
         self.blend_temperature_ = fit_temperature(np.log(np.clip(self.blend(self.val_probas_), 1e-12, None)), y_val)
         # The blend is chosen; the linear experts (seconds to fit, no early stopping) now also
         # learn from the validation rows.
-        if self.tfidf_ is not None and cfg.linear_refit:
-            self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(list(texts) + list(val_texts), list(labels) + list(val_labels))
-        if self.vectors_ is not None and cfg.linear_refit:
-            self.vectors_ = WordVectorExpert(cfg.vectors_c, cfg.seed).fit(
-                train_tokens + val_tokens, list(labels) + list(val_labels), self.vectors_.words_, self.vectors_.vectors_)
+        if cfg.linear_refit:
+            self._fit_linear_experts(list(texts) + list(val_texts), train_tokens + val_tokens,
+                                     list(labels) + list(val_labels), table)
         return self
+
+    def _fit_linear_experts(self, texts: list[str], tokens: list[list[str]], labels: list[str],
+                            table: tuple[list[str], np.ndarray] | None) -> None:
+        """(Re)fit the TF-IDF expert (if configured) and the word-vector expert (if `table`, the navec rows, is given)."""
+        cfg = self.config
+        self.tfidf_ = TfidfExpert(c=cfg.tfidf_c, seed=cfg.seed).fit(texts, labels) if cfg.tfidf else None
+        self.vectors_ = WordVectorExpert(cfg.vectors_c, cfg.seed).fit(tokens, labels, *table) if table else None
 
     def _weights(self, lstm_weight: float) -> dict[str, float]:
         """Blend weights of the experts present, summing to 1 (the BiLSTM's is `lstm_weight`)."""
