@@ -4,13 +4,15 @@
 2. Train the text expert on museum/train.csv *minus* every row whose description appears
    in the validation or held-out part (museum_multimodal's text is taken from train.csv,
    so keeping them would let the text expert score memorised rows).
-3. Train the image expert on the image-train part.
+3. Train each image expert on the image-train part: the fine-tuned CNN and the logistic head on
+   frozen embeddings (`--image-heads`).
 4. On held-out rows: macro-F1 of text-only, image-only and the cascade, on rows with both
    modalities and on all rows; the 0.7/0.7 defaults against settings tuned on validation.
-5. Time `museum submit ../shared/data/museum/test.csv` and check it against sample_submission.csv.
+5. Time `museum submit ../shared/data/museum/test.csv` (with the first image expert) and check it
+   against sample_submission.csv.
 
 Prints a table and writes bench_results/bench_cascade.json (git-ignored).
-Usage: python scripts/bench_cascade.py [--image-epochs 6] [--text-epochs 15] [--reuse]
+Usage: python scripts/bench_cascade.py [--image-epochs 6] [--text-epochs 15] [--image-heads finetune,logreg] [--reuse]
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def main() -> None:
     parser.add_argument("--text-epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    parser.add_argument("--image-heads", default="finetune,logreg",
+                        help="Image experts to compare, comma-separated `train-image --head` values; submit uses the first.")
     parser.add_argument("--reuse", action="store_true", help="Reuse models from an earlier run of this script.")
     args = parser.parse_args()
+    heads = [h.strip() for h in args.image_heads.split(",") if h.strip()]
     setup_logging()
     work = args.out / "cascade"
     work.mkdir(parents=True, exist_ok=True)
@@ -75,7 +80,7 @@ def main() -> None:
              for name, idx in (("image_train", image_train), ("valid", valid), ("held_out", held))}
 
     # 2. text expert without the descriptions we measure on
-    text_dir, image_dir = work / "models" / "text", work / "models" / "image"
+    text_dir, image_dir = work / "models" / "text", work / "models" / f"image_{heads[0]}"
     train = read_competition_csv(DATA / "museum" / "train.csv", require_labels=True)
     measured = {normalise_description(table.descriptions[i]) for i in np.concatenate([valid, held])} - {""}
     keep = [i for i, d in enumerate(train.descriptions) if normalise_description(d) not in measured]
@@ -87,35 +92,37 @@ def main() -> None:
         train_text_model(text_train, text_dir, TextConfig(seed=args.seed, epochs=args.text_epochs), progress=False)
         timings["train_text_s"] = time.perf_counter() - start
 
-    # 3. image expert
-    if not (args.reuse and (image_dir / "best.pt").exists()):
-        from museum.image.train import train_image_model
-
-        start = time.perf_counter()
-        train_image_model(replace(ImageConfig(), seed=args.seed, epochs=args.image_epochs), mm / "images", image_dir,
-                          train_csv=paths["image_train"])
-        timings["train_image_s"] = time.perf_counter() - start
-
-    # 4. score validation and held-out rows once; route them under default and tuned settings
+    # 3.–4. per image expert (fine-tuned CNN and/or an embedding head): train, score validation and
+    # held-out rows once, route them under default and tuned settings
     overrides = {"device": "cpu", "workers": 1}
-    val_run = score_labelled(paths["valid"], mm / "images", text_dir, image_dir, overrides, use_saved_settings=False)
-    held_run = score_labelled(paths["held_out"], mm / "images", text_dir, image_dir, overrides, use_saved_settings=False)
-    classes, fallback = held_run.setup.cascade.classes, held_run.setup.cascade.fallback
-    y_val = np.array([classes.index(c) for c in val_run.labels])
-    tuned = tune_cascade(val_run.scores.text_p, val_run.scores.image_p, val_run.scores.has_text,
-                         val_run.scores.has_image, y_val, classes, fallback, FusionConfig())
+    systems, routes, tunings, y, both, y_val = {}, {}, {}, None, None, None
+    for head in heads:
+        head_dir = work / "models" / f"image_{head}"
+        if not (args.reuse and (head_dir / "best.pt").exists()):
+            from museum.image.train import train_image_model
 
-    s, y = held_run.scores, held_run.labels
-    both = s.has_text & s.has_image
-    settings = {"default 0.7/0.7/0.5": FusionConfig(), "tuned on validation": FusionConfig(
-        text_threshold=tuned.chosen[0], image_threshold=tuned.chosen[1], blend_weight=tuned.chosen[2])}
-    systems = {"text-only": held_run.single("text"), "image-only": held_run.single("image")}
-    routes = {}
-    for name, config in settings.items():
-        result = Cascade.from_config(classes, replace(config, fallback=fallback)).combine(
-            s.text_p, s.image_p, s.has_text, s.has_image)
-        systems[f"cascade, {name}"] = result.labels(classes)
-        routes[name] = {r: int((result.routes == i).sum()) for i, r in enumerate(ROUTES)}
+            start = time.perf_counter()
+            train_image_model(replace(ImageConfig(), seed=args.seed, epochs=args.image_epochs, head=head), mm / "images",
+                              head_dir, train_csv=paths["image_train"])
+            timings[f"train_image_{head}_s"] = time.perf_counter() - start
+        val_run = score_labelled(paths["valid"], mm / "images", text_dir, head_dir, overrides, use_saved_settings=False)
+        held_run = score_labelled(paths["held_out"], mm / "images", text_dir, head_dir, overrides, use_saved_settings=False)
+        classes, fallback = held_run.setup.cascade.classes, held_run.setup.cascade.fallback
+        y_val = np.array([classes.index(c) for c in val_run.labels])
+        tuned = tune_cascade(val_run.scores.text_p, val_run.scores.image_p, val_run.scores.has_text,
+                             val_run.scores.has_image, y_val, classes, fallback, FusionConfig())
+        tunings[head] = tuned
+        s, y = held_run.scores, held_run.labels
+        both = s.has_text & s.has_image
+        settings = {"default 0.7/0.7/0.5": FusionConfig(), "tuned on validation": FusionConfig(
+            text_threshold=tuned.chosen[0], image_threshold=tuned.chosen[1], blend_weight=tuned.chosen[2])}
+        systems.setdefault("text-only", held_run.single("text"))
+        systems[f"image-only ({head})"] = held_run.single("image")
+        for name, config in settings.items():
+            result = Cascade.from_config(classes, replace(config, fallback=fallback)).combine(
+                s.text_p, s.image_p, s.has_text, s.has_image)
+            systems[f"cascade ({head}), {name}"] = result.labels(classes)
+            routes[f"{head}, {name}"] = {r: int((result.routes == i).sum()) for i, r in enumerate(ROUTES)}
     rows = {}
     for name, pred in systems.items():
         rows[name] = {
@@ -141,7 +148,9 @@ def main() -> None:
              f"{'system':<34}{'both (n=' + str(n_both) + ')':>14}{'all (n=' + str(n_all) + ')':>14}"]
     for name, r in rows.items():
         lines.append(f"{name:<34}{r['both_modalities']:>14.4f}{r['all_rows']:>14.4f}")
-    lines.append(f"tuned setting: text>{tuned.chosen[0]} image>{tuned.chosen[1]} w={tuned.chosen[2]} ({tuned.reason})")
+    for head, tuned in tunings.items():
+        lines.append(f"tuned setting ({head}): text>{tuned.chosen[0]} image>{tuned.chosen[1]} w={tuned.chosen[2]} "
+                     f"({tuned.reason})")
     for name, r in routes.items():
         lines.append(f"routes, {name}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     lines.append(f"museum submit test.csv: {submit_s:.1f} s, check against sample_submission: "
@@ -149,11 +158,11 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     write_json(args.out / "bench_cascade.json", {
-        "rows": rows, "routes": routes, "tuning": asdict(tuned), "n_held_out": n_all, "n_both": n_both,
+        "rows": rows, "routes": routes, "tuning": {h: asdict(t) for h, t in tunings.items()}, "n_held_out": n_all, "n_both": n_both,
         "n_valid": len(y_val), "submit_seconds": submit_s, "submission_problems": problems,
         "submit_summary": proc.stdout, "timings": timings, "text_train_rows": len(keep),
         "text_rows_removed_for_leakage": len(train) - len(keep), "seed": args.seed,
-        "image_epochs": args.image_epochs, "report": report,
+        "image_epochs": args.image_epochs, "image_heads": heads, "report": report,
     })
 
 
