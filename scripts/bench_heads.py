@@ -1,6 +1,7 @@
 """Benchmark embedding heads against fine-tuning, in one run (timings are only comparable within a run).
 
-For every character set: macro-F1 on train-image's default stratified 80/20 split (seed 0) and
+For every character set, and for museum_multimodal's photos (competition layout: train.csv +
+images/{guid}.jpg): macro-F1 on train-image's default stratified 80/20 split (seed 0) and
 wall seconds of (a) fine-tuning with default options and (b) each head on frozen embeddings
 (the embedding pass is counted in every head's time). Then two yes/no tasks, "homer vs rest"
 (simpsons_small) and "miku vs rest" (quintuplets_faces): ROC-AUC, PR-AUC and F1 at the chosen
@@ -30,16 +31,25 @@ from museum.image.embed import embed_folder  # noqa: E402
 from museum.image.train import train_image_model  # noqa: E402
 from museum.log import setup_logging  # noqa: E402
 
-DATA = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "characters"
-DATASETS = ["simpsons_small", "quintuplets_faces", "quintuplets", "simpsons_mnist"]
+SHARED = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = SHARED / "characters"
+DATASETS = ["simpsons_small", "quintuplets_faces", "quintuplets", "simpsons_mnist", "museum_multimodal"]
+# Sets in the competition layout (train.csv + images/{guid}.jpg); the others are folder-per-class.
+CSV_SETS = {"museum_multimodal": (SHARED / "museum_multimodal" / "images", SHARED / "museum_multimodal" / "train.csv")}
 HEADS = ["logreg", "svm", "mlp", "knn"]
 BINARY = [("simpsons_small", "homer"), ("quintuplets_faces", "miku")]
 EMBED_SECONDS: dict[str, float] = {}
 
 
+def source(name: str) -> tuple[Path, Path | None]:
+    """(images, train_csv or None) of a benchmark set."""
+    return CSV_SETS.get(name, (DATA / name, None))
+
+
 def run(config: ImageConfig, name: str, out: Path, extra_seconds: float = 0.0) -> dict:
     start = time.perf_counter()
-    model = train_image_model(config, DATA / name, out)
+    images, train_csv = source(name)
+    model = train_image_model(config, images, out, train_csv=train_csv)
     seconds = time.perf_counter() - start + extra_seconds
     report = model.report_
     row = {"method": config.head, "macro_f1": round(report["validation"]["macro_f1"], 4),
@@ -64,7 +74,8 @@ def bench_set(name: str, base: ImageConfig, heads: list[str], out_root: Path, po
     if name not in EMBED_SECONDS:  # the yes/no runs reuse the file: charge them the same pass
         file.unlink(missing_ok=True)  # a cache left by an earlier run would hide the embedding cost
         start = time.perf_counter()
-        embed_folder(DATA / name, file, tta=base.tta)
+        images, train_csv = source(name)
+        embed_folder(images, file, train_csv=train_csv, tta=base.tta)
         EMBED_SECONDS[name] = time.perf_counter() - start
     embed_seconds = EMBED_SECONDS[name]
     for head in heads:
@@ -126,7 +137,9 @@ def main() -> None:
     met = [r["dataset"] for r in result["sets"] if r["target_met"]]
     result["target_met_on"] = met
     save()
-    print(f"\ntarget met on {len(met)} set(s): {', '.join(met) or 'none'} (goal: at least 2)")
+    characters = [m for m in met if m not in CSV_SETS]
+    print(f"\ntarget met on {len(met)} set(s): {', '.join(met) or 'none'}; "
+          f"{len(characters)} of them character set(s) (goal: at least 2)")
     print(f"written to {args.out}")
 
 
