@@ -294,7 +294,7 @@ def train_image(
     ema: float = typer.Option(0.15, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
     label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
-    balance: str = typer.Option("loss", help="loss (class-weighted), sampler (class-balanced draws) or none."),
+    balance: str = typer.Option("loss", help="loss (cross-entropy weighted ∝ 1/class count, at most 10× apart), sampler (class-balanced draws) or none."),
     soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
     crop_scale: float = typer.Option(0.35, help="Smallest area share of the random resized crop."),
     color_jitter: float = typer.Option(0.3, help="Brightness/contrast/saturation jitter, 0 = off."),

@@ -109,7 +109,7 @@ class ImageConfig:
     trainable: float = 1.0  # share of backbone tensors, from the top, that fine-tune (1 = all)
     backbone_lr: float = 1.0  # backbone learning rate as a share of `lr` (the new head gets all of it)
     label_smoothing: float = 0.1
-    balance: str = "loss"  # loss (class-weighted CE) | sampler (class-balanced draws) | none
+    balance: str = "loss"  # loss (CE weighted ∝ 1/class count, capped at 10×) | sampler (class-balanced draws) | none
     soft_f1: float = 0.0  # weight of the soft-F1 term in the loss (0..1)
     ema: float = 0.15  # horizon of the weight average that is validated and kept, as a share of all steps; 0 = off
     tta: bool = True  # validate and predict on the mean of each image's and its mirror's logits

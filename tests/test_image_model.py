@@ -327,3 +327,13 @@ def test_inference_copy_folds_batch_norm_without_changing_outputs(name):
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_class_weights_are_inverse_frequency_capped_and_skip_absent_classes():
+    from museum.image.train import MAX_CLASS_WEIGHT_RATIO, balanced_class_weights
+
+    # 1/4 : 1/16 = 4 : 1, scaled to mean 1 over the two present classes; absent classes weigh 0.
+    np.testing.assert_allclose(balanced_class_weights(np.array([4.0, 16.0, 0.0])), [1.6, 0.4, 0.0])
+    weights = balanced_class_weights(np.array([224.0, 4.0, 50.0]))
+    assert weights.max() / weights.min() == pytest.approx(MAX_CLASS_WEIGHT_RATIO)
+    assert weights.mean() == pytest.approx(1.0)
