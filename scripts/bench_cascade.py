@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="Reuse models from an earlier run of this script.")
     args = parser.parse_args()
     heads = [h.strip() for h in args.image_heads.split(",") if h.strip()]
+    if not heads:
+        parser.error("--image-heads: name at least one of finetune, logreg, svm, mlp, knn")
     setup_logging()
     work = args.out / "cascade"
     work.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,7 @@ def main() -> None:
              for name, idx in (("image_train", image_train), ("valid", valid), ("held_out", held))}
 
     # 2. text expert without the descriptions we measure on
-    text_dir, image_dir = work / "models" / "text", work / "models" / f"image_{heads[0]}"
+    text_dir = work / "models" / "text"
     train = read_competition_csv(DATA / "museum" / "train.csv", require_labels=True)
     measured = {normalise_description(table.descriptions[i]) for i in np.concatenate([valid, held])} - {""}
     keep = [i for i, d in enumerate(train.descriptions) if normalise_description(d) not in measured]
@@ -95,9 +97,9 @@ def main() -> None:
     # 3.–4. per image expert (fine-tuned CNN and/or an embedding head): train, score validation and
     # held-out rows once, route them under default and tuned settings
     overrides = {"device": "cpu", "workers": 1}
-    systems, routes, tunings, y, both, y_val = {}, {}, {}, None, None, None
-    for head in heads:
-        head_dir = work / "models" / f"image_{head}"
+    image_dirs = {head: work / "models" / f"image_{head}" for head in heads}
+    systems, routes, tunings = {}, {}, {}
+    for head, head_dir in image_dirs.items():
         if not (args.reuse and (head_dir / "best.pt").exists()):
             from museum.image.train import train_image_model
 
@@ -134,7 +136,7 @@ def main() -> None:
     submission = work / "submission.csv"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "museum", "submit", str(DATA / "museum" / "test.csv"),
-                           "--text-model", str(text_dir), "--image-model", str(image_dir), "--out", str(submission),
+                           "--text-model", str(text_dir), "--image-model", str(image_dirs[heads[0]]), "--out", str(submission),
                            "--settings", str(work / "no-settings.json")],
                           cwd=ROOT, capture_output=True, text=True)
     submit_s = time.perf_counter() - start
@@ -145,9 +147,9 @@ def main() -> None:
     n_both, n_all = int(both.sum()), len(y)
     lines = [f"held-out museum_multimodal rows: {n_all} ({n_both} with text and image); "
              f"validation rows for tuning: {len(y_val)}",
-             f"{'system':<34}{'both (n=' + str(n_both) + ')':>14}{'all (n=' + str(n_all) + ')':>14}"]
+             f"{'system':<42}{'both (n=' + str(n_both) + ')':>14}{'all (n=' + str(n_all) + ')':>14}"]
     for name, r in rows.items():
-        lines.append(f"{name:<34}{r['both_modalities']:>14.4f}{r['all_rows']:>14.4f}")
+        lines.append(f"{name:<42}{r['both_modalities']:>14.4f}{r['all_rows']:>14.4f}")
     for head, tuned in tunings.items():
         lines.append(f"tuned setting ({head}): text>{tuned.chosen[0]} image>{tuned.chosen[1]} w={tuned.chosen[2]} "
                      f"({tuned.reason})")
