@@ -142,12 +142,12 @@ def _text_oof(texts: list[str], y: np.ndarray, classes: list[str], splits, seed:
 
 
 def _image_oof(paths: list[Path | None], y: np.ndarray, classes: list[str], splits, seed: int,
-               cache_file: Path | None) -> tuple[np.ndarray, np.ndarray]:
+               cache_file: Path | None, embeddings: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, mask) from `train-image --head logreg` on cached stage embeddings; unreadable images are unscored."""
     from museum.dedup import image_embeddings
     from museum.image.heads import fit_head
 
-    feats, ok = image_embeddings(paths, cache_file, features="stages")
+    feats, ok = image_embeddings(paths, cache_file, features="stages", given=embeddings)
     proba = np.zeros((len(paths), len(classes)), dtype=np.float32)
     for k, (train_idx, test_idx) in enumerate(splits):
         train_idx, test_idx = train_idx[ok[train_idx]], test_idx[ok[test_idx]]
@@ -158,7 +158,7 @@ def _image_oof(paths: list[Path | None], y: np.ndarray, classes: list[str], spli
 
 
 def out_of_fold(items: AuditItems, folds: int = 5, seed: int = 0, expert: str = "fast",
-                cache_file: Path | None = None) -> OutOfFold:
+                cache_file: Path | None = None, embeddings: Path | None = None) -> OutOfFold:
     """k-fold stratified, seeded out-of-fold probabilities from every expert the items allow."""
     if expert not in EXPERTS:
         raise MuseumError(f"--expert {expert}: expected one of {', '.join(EXPERTS)}")
@@ -171,7 +171,7 @@ def out_of_fold(items: AuditItems, folds: int = 5, seed: int = 0, expert: str = 
     if items.texts is not None and any(t.strip() for t in items.texts):
         parts["text"] = _text_oof(items.texts, y, classes, splits, seed, expert)
     if items.paths is not None:
-        parts["image"] = _image_oof(items.paths, y, classes, splits, seed, cache_file)
+        parts["image"] = _image_oof(items.paths, y, classes, splits, seed, cache_file, embeddings)
     if not parts:
         raise MuseumError(f"{items.source}: every description is empty and no --images were given; nothing to learn from")
     # Average the experts that saw each row: a row with text only keeps the text probabilities.
@@ -315,7 +315,8 @@ def _remove_links(folder: Path) -> None:
 
 
 def run_clean(train_csv: str | Path | None, images: str | Path | None, out: str | Path | None = None, folds: int = 5,
-              seed: int = 0, expert: str = "fast", action: str = "report", reuse: bool = False, top: int = TOP_ITEMS) -> CleanResult:
+              seed: int = 0, expert: str = "fast", action: str = "report", reuse: bool = False, top: int = TOP_ITEMS,
+              embeddings: str | Path | None = None) -> CleanResult:
     """The whole audit: probabilities (trained or reused), issues, confused pairs, page, cleaned copy."""
     from museum.reports.cleaning import clean_page
 
@@ -328,7 +329,7 @@ def run_clean(train_csv: str | Path | None, images: str | Path | None, out: str 
         logger.info(f"reusing out-of-fold probabilities from {out_dir / 'oof.npz'} ({', '.join(oof.experts)})")
     else:
         # Embeddings are cached beside the audit: a rerun with other folds or seeds embeds nothing again.
-        oof = out_of_fold(items, folds, seed, expert, out_dir / "embeddings.npz")
+        oof = out_of_fold(items, folds, seed, expert, out_dir / "embeddings.npz", Path(embeddings) if embeddings else None)
         save_oof(oof, out_dir)
     issues, _ = find_issues(items.labels, oof)
     pairs = confused_pairs(items.labels, oof, issues)

@@ -81,7 +81,7 @@ def main(
 def train_text(
     train: Path = typer.Option(..., "--train", help="Labelled CSV: guid,description,typology."),
     unlabeled: Optional[list[Path]] = typer.Option(
-        None, "--unlabeled", help="Extra CSV(s) whose descriptions also train Word2Vec (e.g. test.csv)."
+        None, "--unlabeled", metavar="CSV", help="Extra CSV whose descriptions also train Word2Vec (e.g. test.csv); repeat for more."
     ),
     out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help="Model folder to write."),
     epochs: int = typer.Option(20, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
@@ -94,7 +94,8 @@ def train_text(
     tfidf: bool = typer.Option(True, "--tfidf/--no-tfidf", help="Blend in the TF-IDF linear expert."),
     vectors_weight: float = typer.Option(0.2, help="Weight of the navec word-vector expert in the blend (0..1); 0 leaves it out."),
     blend_weight: str = typer.Option(
-        "0.2", help="BiLSTM weight in the blend (0..1; TF-IDF gets the rest), or `auto` to choose it on validation."
+        "0.2", help="BiLSTM weight in the blend (0..1), or `auto` to choose it on validation; the word-vector expert "
+        "gets --vectors-weight and TF-IDF the rest."
     ),
     batch_size: int = typer.Option(64, help="BiLSTM batch size."),
     hidden: int = typer.Option(64, help="BiLSTM hidden units per direction."),
@@ -106,6 +107,9 @@ def train_text(
 
     weight = _parse_blend_weight(blend_weight)
     _check_share("--vectors-weight", vectors_weight)
+    if tfidf and (weight or 0.0) + vectors_weight > 1.0:
+        raise MuseumError(f"--blend-weight {blend_weight} + --vectors-weight {vectors_weight}: more than 1 leaves "
+                          "TF-IDF nothing; lower one of them, or pass --no-tfidf")
     if epochs < 1:
         raise MuseumError(f"--epochs {epochs}: must be at least 1")
     config = TextConfig(
@@ -139,7 +143,7 @@ def _check_share(option: str, share: float, given: str | None = None) -> float:
 @app.command("predict-text")
 @friendly_errors
 def predict_text(
-    texts: list[str] = typer.Argument(..., help="One or more descriptions."),
+    texts: list[str] = typer.Argument(..., metavar="TEXT", help="One or more descriptions."),
     model: Path = typer.Option(DEFAULT_TEXT_MODEL, "--model", help="Folder written by train-text."),
     top: int = typer.Option(3, help="How many classes to show."),
 ) -> None:
@@ -147,9 +151,13 @@ def predict_text(
     from museum.metrics import top_k
     from museum.text.model import TextModel
 
+    if top < 1:
+        raise MuseumError(f"--top {top}: must be at least 1")
     text_model = TextModel.load(model)
     for text, best in zip(texts, top_k(text_model.predict_proba(texts), text_model.classes_, top)):
         typer.echo(text)
+        if not text.strip():
+            typer.echo("  (empty description: nothing to judge; `submit` uses the image for such rows)")
         for label, p in best:
             typer.echo(f"  {p:6.3f}  {label}")
 
@@ -338,6 +346,10 @@ def train_image(
         raise MuseumError(f"--crop-scale {crop_scale}: must be between 0.05 and 1")
     if lr <= 0:
         raise MuseumError(f"--lr {lr}: must be positive")
+    for name, value in (("--weight-decay", weight_decay), ("--warmup-epochs", warmup_epochs),
+                        ("--freeze-epochs", freeze_epochs), ("--workers", workers), ("--threads", threads)):
+        if value < 0:
+            raise MuseumError(f"{name} {value}: must be 0 or more")
     if not 0.0 <= trainable <= 1.0:
         raise MuseumError(f"--trainable {trainable}: must be between 0 and 1")
     if not 0.0 < backbone_lr <= 1.0:
@@ -400,7 +412,7 @@ def embed_cmd(
 @app.command("predict-image")
 @friendly_errors
 def predict_image(
-    paths: list[Path] = typer.Argument(..., help="One or more image files."),
+    paths: list[Path] = typer.Argument(..., metavar="IMAGE", help="One or more image files."),
     model: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--model", help="Folder written by train-image."),
     top: int = typer.Option(3, help="How many classes to show."),
     device: str = DEVICE_OPTION,
@@ -524,6 +536,7 @@ def clean_cmd(
     reuse: bool = typer.Option(False, "--reuse", help="Rerun the audit on the probabilities saved in --out; train nothing."),
     top: int = typer.Option(100, help="Rows shown on the HTML page."),
     seed: int = typer.Option(0, help="Seed of the folds and the experts."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A `museum embed` file (stages features) of these images, read instead of embedding them again."),
 ) -> None:
     """Find likely label errors (confident learning on out-of-fold probabilities); optionally drop or relabel them."""
     from museum.clean import EXPERTS, run_clean
@@ -537,7 +550,9 @@ def clean_cmd(
     if top < 1:
         raise MuseumError(f"--top {top}: must be at least 1")
     action = "drop" if drop else "relabel" if relabel else "report"
-    typer.echo(run_clean(train, images, out, folds, seed, expert, action, reuse, top).text)
+    if embeddings is not None and reuse:
+        raise MuseumError("--embeddings: --reuse takes the saved probabilities and embeds nothing; drop one of them")
+    typer.echo(run_clean(train, images, out, folds, seed, expert, action, reuse, top, embeddings).text)
 
 
 @app.command("dedup")
@@ -549,6 +564,7 @@ def dedup_cmd(
     keep: str = typer.Option("all", help="all (report only) or one (also write a list/CSV keeping one item per group)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for groups.csv and dedup.html (default reports/dedup-NAME)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (for the embeddings)."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A `museum embed --features pooled` file of these images, read instead of embedding them again."),
 ) -> None:
     """Find exact, near-duplicate and same-description groups; optionally keep one item per group."""
     from museum.dedup import DEFAULT_THRESHOLD, KEEP, run_dedup
@@ -557,4 +573,5 @@ def dedup_cmd(
         raise MuseumError(f"--threshold {threshold}: must be in (0, 1]")
     if keep not in KEEP:
         raise MuseumError(f"--keep {keep}: expected one of {', '.join(KEEP)}")
-    typer.echo(run_dedup(path, images, out, DEFAULT_THRESHOLD if threshold is None else threshold, keep, device).text)
+    typer.echo(run_dedup(path, images, out, DEFAULT_THRESHOLD if threshold is None else threshold, keep, device,
+                         embeddings).text)

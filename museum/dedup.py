@@ -89,6 +89,9 @@ def load_dedup_items(path: str | Path, images: str | Path | None = None) -> Dedu
         if not root.is_dir():
             raise MuseumError(f"--images {root}: not a folder; expected {root}/{{guid}}.jpg for the rows of {path}")
         items.paths = [root / f"{g}.jpg" if is_safe_id(g) and (root / f"{g}.jpg").is_file() else None for g in table.guids]
+        if not any(items.paths):
+            raise MuseumError(f"{path}: none of its {len(table)} rows has an image {root}/{{guid}}.jpg; check --images, "
+                              "or drop it to compare descriptions only")
     return items
 
 
@@ -110,21 +113,37 @@ def file_hash(path: Path | None) -> str | None:
 
 
 def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = None, device: str = "auto",
-                     input_size: int = 0, features: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
+                     input_size: int = 0, features: str = "pooled",
+                     given: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised float32 embeddings (n, d), readable mask), one MobileNetV2 pass cached in `cache_file`.
 
-    `features`: see `museum.image.embed.FEATURES` (duplicates are found on `pooled` ones)."""
+    `features`: see `museum.image.embed.FEATURES` (duplicates are found on `pooled` ones). `given`: a file
+    written by `museum embed` to read rows from instead (never rewritten); it must hold `features`."""
     from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD
-    from museum.image.embed import embed_spec, load_or_embed, resolve_input_size
+    from museum.image.embed import embed_spec, load_embeddings, load_or_embed, resolve_input_size
     from museum.utils import resolve_device
 
     present = [Path(p) for p in paths if p is not None]
     if not present:
         return np.zeros((len(paths), 1), dtype=np.float32), np.zeros(len(paths), dtype=bool)
-    spec = embed_spec("mobilenet_v2", "imagenet", resolve_input_size(input_size, present), IMAGENET_MEAN, IMAGENET_STD,
-                      features=features)
-    emb = load_or_embed(present, [""] * len(present), spec, cache_file, device=resolve_device(device))
+    if given is not None:
+        emb = load_embeddings(given)
+        if emb.meta.get("features") != features:
+            raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('features')} features, this needs {features}; "
+                              f"write them with `museum embed --features {features}`")
+    else:
+        spec = embed_spec("mobilenet_v2", "imagenet", resolve_input_size(input_size, present), IMAGENET_MEAN,
+                          IMAGENET_STD, features=features)
+        emb = load_or_embed(present, [""] * len(present), spec, cache_file, device=resolve_device(device))
     rows = np.array([-1 if p is None else r for p, r in zip(paths, _rows_of(emb, paths))], dtype=np.int64)
+    if given is not None:
+        missing = sum(1 for p, r in zip(paths, rows) if p is not None and r < 0)
+        if missing == len(present):
+            raise MuseumError(f"--embeddings {given}: none of these {len(present)} images is in it; "
+                              "embed this folder (museum embed) or drop --embeddings")
+        if missing:
+            logger.warning(f"--embeddings {given}: {missing} of {len(present)} images have no row (unreadable when "
+                           "it was written, or not in it); they are left out")
     ok = rows >= 0
     feats = np.zeros((len(paths), emb.features.shape[1]), dtype=np.float32)
     feats[ok] = emb.features[rows[ok]]
@@ -223,7 +242,7 @@ class _UnionFind:
 
 
 def image_groups(paths: Sequence[Path | None], threshold: float = DEFAULT_THRESHOLD, cache_file: Path | None = None,
-                 device: str = "auto") -> list[dict]:
+                 device: str = "auto", embeddings: Path | None = None) -> list[dict]:
     """Exact (same bytes) and near (cosine ≥ threshold, or crop hash confirming a cosine ≥ `HASH_FLOOR`) image
     duplicate groups, as dicts with `members`."""
     hashes = [file_hash(p) for p in paths]
@@ -235,7 +254,7 @@ def image_groups(paths: Sequence[Path | None], threshold: float = DEFAULT_THRESH
     for members in by_hash.values():
         for j in members[1:]:
             uf.union(members[0], j)
-    feats, ok = image_embeddings(paths, cache_file, device)
+    feats, ok = image_embeddings(paths, cache_file, device, given=embeddings)
     # Exact copies already share a group: compare one embedding per distinct file.
     first = np.zeros(len(paths), dtype=bool)
     first[[m[0] for m in by_hash.values()]] = True
@@ -378,7 +397,8 @@ class DedupResult:
 
 
 def run_dedup(path: str | Path, images: str | Path | None = None, out: str | Path | None = None,
-              threshold: float = DEFAULT_THRESHOLD, keep: str = "all", device: str = "auto") -> DedupResult:
+              threshold: float = DEFAULT_THRESHOLD, keep: str = "all", device: str = "auto",
+              embeddings: str | Path | None = None) -> DedupResult:
     """Find groups, write groups.csv, dedup.html and (with keep="one") the deduplicated list or CSV."""
     import time
 
@@ -393,7 +413,8 @@ def run_dedup(path: str | Path, images: str | Path | None = None, out: str | Pat
     start = time.perf_counter()
     groups: list[dict] = []
     if items.paths is not None:
-        groups += image_groups(items.paths, threshold, out_dir / "embeddings.npz", device)
+        groups += image_groups(items.paths, threshold, out_dir / "embeddings.npz", device,
+                               Path(embeddings) if embeddings else None)
     if items.texts is not None:
         groups += text_groups(items.texts, items.labels)
     groups = _finish(groups, items.labels)

@@ -373,7 +373,8 @@ def fit(loop: Loop, resume: bool = False) -> dict:
         loop.history = list(state["history"])
         if (loop.out / "best.pt").is_file():
             best_state = load_checkpoint(loop.out / "best.pt")["state_dict"]
-        logger.info(f"resuming from {loop.out / 'last.pt'} after epoch {state['epoch']} (best {best_metric:.4f} at epoch {best_epoch})")
+        if loop.info.is_main:
+            logger.info(f"resuming from {loop.out / 'last.pt'} after epoch {state['epoch']} (best {best_metric:.4f} at epoch {best_epoch})")
     writer = _tensorboard(loop.out) if loop.info.is_main else None
     show = loop.info.is_main and logger.isEnabledFor(20)
     for epoch in range(start_epoch, loop.epochs + 1):
@@ -429,7 +430,7 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     if best_state is not None:  # the trainer's model and the evaluated one both end as the best
         unwrap(loop.model).load_state_dict(best_state)
         unwrap(loop.eval_model).load_state_dict(best_state)
-    if best_epoch:
+    if best_epoch and loop.info.is_main:
         logger.info(f"best epoch {best_epoch}: {'val macro-F1' if loop.val_batches else 'minus train loss'} {best_metric:.4f}")
     return {"best_epoch": best_epoch, "best_metric": best_metric}
 

@@ -60,12 +60,25 @@ def score_labelled(
         parts.append(score_chunk(setup.experts, chunk, setup.images, setup.config.batch_size, setup.config.workers))
         labels.extend(chunk.labels or [])
     scores = concat_scores(parts)
+    labels = _binary_labels(labels, setup)
     unknown = sorted(set(labels) - set(setup.cascade.classes))
     if unknown:
         n = sum(1 for label in labels if label in unknown)
         logger.warning(f"{csv_path}: {n} row(s) carry classes no model knows ({', '.join(unknown)}); they count as errors")
     result = setup.cascade.combine(scores.text_p, scores.image_p, scores.has_text, scores.has_image)
     return Labelled(setup, scores, labels, result)
+
+
+def _binary_labels(labels: list[str], setup: RunSetup) -> list[str]:
+    """Labels as a one-vs-rest image model (`--positive`) names them: the other classes become `not_<positive>`."""
+    from museum.image.binary import negative_name
+
+    image = setup.experts.image
+    decision = getattr(image, "decision", None) if image is not None else None
+    if not decision or negative_name(decision["positive"]) not in image.classes_:
+        return labels
+    positive, rest = decision["positive"], negative_name(decision["positive"])
+    return [label if label == positive else rest for label in labels]
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -41,12 +41,18 @@ def resolve_device(name: str) -> str:
     raise MuseumError(f"--device {name}: expected auto, cpu or cuda")
 
 
+def check_out_folder(folder: str | Path) -> Path:
+    """`folder` as a Path, or a one-line error when a file stands there (checked before any work is done)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MuseumError(f"--out {folder}: is a file; give a folder")
+    return folder
+
+
 def output_folder(out: str | Path | None, kind: str, source: str | Path) -> Path:
     """The folder a report command writes to (default `reports/KIND-NAME`), created; a file there is an error."""
     source = Path(source)
-    folder = Path(out) if out is not None else Path("reports") / f"{kind}-{source.stem or source.name}"
-    if folder.exists() and not folder.is_dir():
-        raise MuseumError(f"--out {folder}: is a file; give a folder")
+    folder = check_out_folder(out if out is not None else Path("reports") / f"{kind}-{source.stem or source.name}")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -49,6 +49,10 @@ def test_bom_multiline_extra_columns(tmp_path):
         ("guid,description,typology\na,x,y\nb,z,\n", "line 3, field typology: empty label"),
         ("guid,description,typology\n,x,y\n", "line 2, field guid: empty"),
         ("guid,description,typology\n", "header only"),
+        # an unclosed quote must not swallow the rows after it
+        ('guid,description,typology\na,x,y\nb,"open,y\nc,z,y\n', "line 3: not a readable CSV row"),
+        # a row spanning lines is named by its first line
+        ('guid,description,typology\na,"two\nlines",y\na,z,y\n', "line 4, field guid: duplicated guid 'a' (first at line 2)"),
     ],
 )
 def test_validation_errors_name_the_problem(tmp_path, content, needle):

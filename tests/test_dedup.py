@@ -129,6 +129,30 @@ def test_bad_inputs_get_one_clear_line(tmp_path, museum_train_csv):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["dedup", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no images found" in result.output
+    result = runner.invoke(app, ["dedup", str(museum_train_csv), "--images", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "none of its" in result.output and "has an image" in result.output
+
+
+def test_dedup_and_clean_read_an_embed_file(tmp_path, characters_dir):
+    """`museum embed` once; dedup (pooled) and clean (stages) read it, and refuse the other kind."""
+    folder = tmp_path / "set"
+    for cls in ("bart", "lisa"):
+        (folder / cls).mkdir(parents=True)
+        for src in sorted((characters_dir / "simpsons_small" / cls).iterdir())[:8]:
+            shutil.copy(src, folder / cls / src.name)
+    runner = CliRunner()
+    for kind in ("pooled", "stages"):
+        result = runner.invoke(app, ["embed", str(folder), "--features", kind, "--out", str(tmp_path / f"{kind}.npz")])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["dedup", str(folder), "--embeddings", str(tmp_path / "pooled.npz"), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "d" / "embeddings.npz").exists()  # nothing embedded again
+    result = runner.invoke(app, ["dedup", str(folder), "--embeddings", str(tmp_path / "stages.npz"), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "holds stages features, this needs pooled" in result.output
+    result = runner.invoke(app, ["clean", "--images", str(folder), "--folds", "2", "--embeddings", str(tmp_path / "stages.npz"),
+                                 "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "c" / "embeddings.npz").exists()
 
 
 def test_crop_hash_confirms_a_cropped_copy_the_embedding_is_unsure_of(characters_dir):

@@ -94,6 +94,12 @@ def test_weights_file_and_bad_names(tmp_path):
     assert source.endswith("r18.pth") and torch.equal(again.conv1.weight, model.conv1.weight)
     with pytest.raises(MuseumError, match="--backbone nope"):
         backbones.build_backbone("nope", 2, "none")
+    with pytest.raises(MuseumError, match="not a torchvision image classifier"):
+        backbones.build_backbone("fasterrcnn_resnet50_fpn", 2, "none")  # a detector: would download weights
+    vit, _ = backbones.build_backbone("vit_b_16", 2, "none")
+    with pytest.raises(MuseumError, match="does not take 160 px inputs.*--input-size 224"):
+        backbones.check_input_size(vit, "vit_b_16", 160)
+    backbones.check_input_size(vit, "vit_b_16", 224)
     with pytest.raises(MuseumError, match="no such file"):
         backbones.build_backbone("resnet18", 2, str(tmp_path / "missing.pth"))
     (tmp_path / "junk.pth").write_bytes(b"junk")
@@ -244,12 +250,21 @@ def test_cli_bad_options_are_one_line(tiny_folder, tmp_path):
         (["--mixup", "2"], "--mixup 2"),
         (["--mixup", "lots"], "--mixup lots"),
         (["--backbone", "nope", "--weights", "none"], "--backbone nope"),
+        (["--weight-decay", "-1"], "--weight-decay -1"),
+        (["--workers", "-1"], "--workers -1"),
+        (["--target-precision", "0.9"], "--target-precision: only for yes/no tasks"),
+        (["--resume"], "holds no interrupted run"),
     ]:
         result = runner.invoke(app, ["train-image", "--images", str(tiny_folder), "--out", str(tmp_path / "x"), *args])
         assert result.exit_code == 2 and message in result.output
         assert "Traceback" not in result.output
     result = runner.invoke(app, ["predict-image", str(tmp_path / "a.jpg"), "--model", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no checkpoint there" in result.output
+    one_class = tmp_path / "one"
+    shutil.copytree(next(p for p in Path(tiny_folder).iterdir() if p.is_dir()), one_class / "only")
+    for head in ("finetune", "logreg"):
+        result = runner.invoke(app, ["train-image", "--images", str(one_class), "--head", head, "--out", str(tmp_path / "y")])
+        assert result.exit_code == 2 and "needs at least two classes" in result.output, result.output
 
 
 def test_pretrained_fine_tune_keeps_early_layers(tiny_folder, tmp_path, offline):

@@ -195,7 +195,7 @@ def _png(width: int, height: int) -> bytes:
     (None, b"", 422, "uploaded image: zero-byte file"),
     (None, "not an image".encode(), 422, "uploaded image: not an image; upload a JPEG, PNG or WebP photo"),
     (None, "truncated", 422, "uploaded image: truncated or corrupt"),
-    (None, "bomb", 422, "uploaded image: absurd size (8000x8000 pixels, limit 25000000 pixels)"),
+    (None, "bomb", 422, "uploaded image: absurd size (8000x8000 pixels, limit 25,000,000 pixels)"),
     (DESCRIPTION, b"\0" * (2 * MB), 413, "request body over 1 MB; send a smaller file"),
 ])
 def test_bad_input_is_a_4xx_with_one_clear_line(client, photo, description, image, status, message):

@@ -94,12 +94,17 @@ def test_cli_train_and_predict(slice_table, tmp_path):
     assert "предметы нумизматики" in result.output.splitlines()[1]
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ("guid,description\na,b\n", "missing column typology"),
+    ("guid,description,typology\na,Монета,x\nb,Монета медная,x\nc,,y\n", "rows with a description have only 'x'"),
+    ("guid,description,typology\na,Монета,x\nb,Картина,y\n", "no row left for validation"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, content, message):
     bad = tmp_path / "bad.csv"
-    bad.write_text("guid,description\na,b\n", encoding="utf-8")
+    bad.write_text(content, encoding="utf-8")
     result = CliRunner().invoke(app, ["train-text", "--train", str(bad), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2
-    assert result.output.strip().startswith("error:") and "missing column typology" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:") and message in result.output
     assert "Traceback" not in result.output
 
 
@@ -126,7 +131,8 @@ def test_word_vector_expert_reaches_words_unseen_in_training(tmp_path):
 
 def test_cli_bad_weights_are_one_line(museum_train_csv, tmp_path):
     for args, message in [(["--vectors-weight", "2"], "--vectors-weight 2.0: must be between 0 and 1"),
-                          (["--blend-weight", "much"], "--blend-weight much: expected a number")]:
+                          (["--blend-weight", "much"], "--blend-weight much: expected a number"),
+                          (["--blend-weight", "0.9", "--vectors-weight", "0.5"], "leaves TF-IDF nothing")]:
         result = CliRunner().invoke(app, ["train-text", "--train", str(museum_train_csv), "--out", str(tmp_path / "m"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "m").exists()  # refused before anything was written

@@ -73,9 +73,10 @@ def _open_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         raise MuseumError(f"{path}: empty file; expected a CSV header guid,description[,typology]")
     if b"\x00" in head:
         raise MuseumError(f"{path}: not a CSV file (binary content); expected UTF-8 text with columns guid,description,typology")
+    start = 1  # the line of the row being read, for messages
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if missing:
@@ -85,12 +86,16 @@ def _open_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
                     "the header must name guid,description[,typology]"
                 )
             reader.fieldnames = header
+            # A row's first line, not `line_num` (its last): a description may span lines.
+            start = reader.line_num + 1
             for row in reader:
-                yield reader.line_num, row
+                yield start, row
+                start = reader.line_num + 1
     except UnicodeDecodeError as exc:
         raise MuseumError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
     except csv.Error as exc:
-        raise MuseumError(f"{path}: not a readable CSV ({exc}); check quoting") from None
+        # strict=True: an unclosed quote would otherwise swallow every following row silently.
+        raise MuseumError(f"{path} line {start}: not a readable CSV row ({exc}); check the quotes from this line on") from None
 
 
 def iter_competition_chunks(

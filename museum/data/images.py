@@ -34,6 +34,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # seconds, and such files in a catalogue are bombs or scanning accidents, not item photos.
 MAX_PIXELS = 64_000_000
 MAX_SIDE = 30_000
+NAMED_FAILURES = 5  # unreadable images named in the log at the default level
 MAX_FILE_BYTES = 200 * 1024 * 1024
 # Never decode a truncated JPEG into grey garbage: it must be reported as broken.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -48,8 +49,10 @@ class ImageDecodeError(MuseumError):
 
 
 def _check_size(path, width: int, height: int, max_pixels: int) -> None:
-    if width < 1 or height < 1 or max(width, height) > MAX_SIDE or width * height > max_pixels:
-        raise ImageDecodeError(path, "absurd size", f"{width}x{height} pixels, limit {max_pixels} pixels")
+    if width < 1 or height < 1 or max(width, height) > MAX_SIDE:
+        raise ImageDecodeError(path, "absurd size", f"{width}x{height} pixels, sides limited to 1..{MAX_SIDE}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(path, "absurd size", f"{width}x{height} pixels, limit {max_pixels:,} pixels")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -198,8 +201,10 @@ def probe_median_side(paths: list[Path], n: int = 200, seed: int = 0) -> int:
     sides = []
     for i in pick:
         try:
-            with Image.open(paths[int(i)]) as img:
-                sides.append(min(img.size))
+            with warnings.catch_warnings():  # a huge header is refused, with its name, by the decoder
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(paths[int(i)]) as img:
+                    sides.append(min(img.size))
         except Exception:  # bad files are reported later, by the decoder
             continue
     return int(np.median(sides)) if sides else 0
@@ -284,7 +289,9 @@ def decode_cache(paths: list[Path | None], size: int, num_workers: int = 2, cach
             for i, tensor, reason in batch:
                 if tensor is None:
                     failures[reason] += 1
-                    logger.debug(f"{paths[i]}: {reason}; skipped")
+                    # The first few by name (a summary with counts follows), the rest only with -v.
+                    shown = sum(failures.values()) <= NAMED_FAILURES
+                    (logger.warning if shown else logger.debug)(f"{paths[i]}: {reason}; skipped")
                 else:
                     out[i] = tensor
                     ok[i] = True

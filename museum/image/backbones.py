@@ -201,11 +201,12 @@ def build_backbone(name: str, n_classes: int, weights: str = "imagenet") -> tupl
 
     Returns (model, description of where the weights came from).
     """
-    try:
-        model = torchvision.models.get_model(name, weights=None)
-    except ValueError:
-        raise MuseumError(f"--backbone {name}: unknown; choose a torchvision classifier such as mobilenet_v2, "
-                          "resnet18, resnet50, efficientnet_b0, convnext_tiny") from None
+    if name not in torchvision.models.list_models(module=torchvision.models):  # classifiers only, no detectors
+        raise MuseumError(f"--backbone {name}: not a torchvision image classifier; choose one such as mobilenet_v2, "
+                          "resnet18, resnet50, efficientnet_b0, convnext_tiny")
+    # GoogLeNet and Inception v3 return a tuple with auxiliary logits while training; one output is enough here.
+    extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **extra)
     source = "random initialisation"
     if weights == "imagenet":
         state, source = imagenet_state_dict(name)
@@ -223,3 +224,18 @@ def build_backbone(name: str, n_classes: int, weights: str = "imagenet") -> tupl
         model.load_state_dict(usable, strict=False)
     _replace_head(model, n_classes)
     return model, source
+
+
+def check_input_size(model: nn.Module, name: str, size: int) -> None:
+    """One dry forward pass at `size` px: some classifiers (ViT, MaxViT) take only the size they were built for."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+        raise MuseumError(f"--backbone {name}: does not take {size} px inputs ({reason}); "
+                          "pass --input-size 224, the size its ImageNet weights were made for") from None
+    finally:
+        model.train(was_training)

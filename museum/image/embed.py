@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ EMBED_FORMAT = "museum-embeddings/2"
 FEATURES = ("stages", "pooled")
 STAGES = 5  # trunk stages tapped by `stages` features
 HIST_BINS = 4  # per RGB channel
+EMBED_CHUNK = 2048  # images decoded at once (about 160 MB at 160 px)
 
 
 @dataclass
@@ -198,13 +200,24 @@ def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: 
         net, source, kind = build_extractor(spec["backbone"], spec["weights"], spec["features"], spec["mean"], spec["std"])
         logger.info(f"embedding {len(paths)} images with {spec['backbone']} ({source}, {kind} features) "
                     f"at {spec['input_size']} px")
-    cache, ok, failures = decode_cache(list(paths), spec["input_size"], workers or default_workers(),
-                                       Path(cache_dir) if cache_dir else None, progress=True)
+    paths = list(paths)
+    parts, kept, failures = [], [], Counter()
+    # Decoded in chunks, each embedded and dropped before the next: memory stays bounded
+    # (EMBED_CHUNK images) however many there are; only the feature rows accumulate.
+    for first in range(0, len(paths), EMBED_CHUNK):
+        cache, ok, failed = decode_cache(paths[first:first + EMBED_CHUNK], spec["input_size"], workers or default_workers(),
+                                         Path(cache_dir) if cache_dir else None, progress=True)
+        failures.update(failed)
+        keep = np.flatnonzero(ok)
+        if len(keep):
+            parts.append(embed_tensors(net, cache[keep], spec["mean"], spec["std"], device, tta=spec["tta"]))
+            kept.extend((first + keep).tolist())
+        del cache
     if failures:
         logger.warning(f"embed: skipped {sum(failures.values())} image(s): "
                        + ", ".join(f"{n} {reason}" for reason, n in sorted(failures.items())))
-    keep = np.flatnonzero(ok)
-    features = embed_tensors(net, cache[keep], spec["mean"], spec["std"], device, tta=spec["tta"])
+    keep = np.array(kept, dtype=np.int64)
+    features = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
     logger.info(f"embedded {len(keep)} images ({features.shape[1]} features) in {time.perf_counter() - start:.1f}s")
     return Embeddings(features, [labels[i] for i in keep], [str(Path(paths[i]).resolve()) for i in keep],
                       {**spec, "key": data_key(paths, spec)})

@@ -20,7 +20,7 @@ from museum.config import ImageConfig, config_from_dict, config_to_dict
 from museum.data.images import decode_loader, image_to_tensor, to_rgb
 from museum.errors import MuseumError
 from museum.image.augment import normalize
-from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, inference_copy
+from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, inference_copy
 from museum.utils import resolve_device
 
 CHECKPOINT_FORMAT = "museum-image/1"
@@ -66,6 +66,7 @@ class ImageModel:
         scikit-learn head, see `embed.head_extractor`); returns where its initial weights came from."""
         self.classes_, self.input_size = list(classes), int(input_size)
         self.net, source = build_backbone(self.config.backbone, len(classes), weights)
+        check_input_size(self.net, self.config.backbone, self.input_size)
         if head:
             from museum.image.embed import head_extractor
 

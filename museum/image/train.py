@@ -28,7 +28,7 @@ from museum.image.backbones import head_parameter_names
 from museum.image.model import ImageModel
 from museum.log import logger
 from museum.reports import write_report_safely
-from museum.utils import read_json, resolve_device, seed_everything, write_json
+from museum.utils import check_out_folder, read_json, resolve_device, seed_everything, write_json
 
 BALANCE = ("loss", "sampler", "none")
 
@@ -140,6 +140,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     info, device = setup_distributed(resolve_device(config.device))
     seed_everything(config.seed)
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    check_classes(labels, "training images")
     classes = sorted(set(labels))
     if val_paths is None:
         paths, labels, val_paths, val_labels = split_train_val(paths, labels, config)
@@ -162,10 +163,16 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     train_cache, train_ok = _decode([paths[i] for i in tr], config, size, "training", info)
     val_cache, val_ok = _decode([val_paths[i] for i in va], config, size, "validation", info)
     if info.is_main:
-        logger.info(f"decoded {len(tr) + len(va)} images once in {time.perf_counter() - start:.1f}s")
+        share = f" (this process's share of {len(paths) + len(val_paths)})" if info.enabled else ""
+        logger.info(f"decoded {len(tr) + len(va)} images once in {time.perf_counter() - start:.1f}s{share}")
     tr_keep, va_keep = np.flatnonzero(train_ok), np.flatnonzero(val_ok)
     train_cache, val_cache = train_cache[tr_keep], val_cache[va_keep]
     y_train = torch.tensor([col[labels[i]] for i in tr[tr_keep]], dtype=torch.long)
+    readable = sum(np.bincount(part, minlength=len(classes)) for part in all_gather_objects(y_train.numpy(), info))
+    if (readable == 0).any():
+        empty = [c for c, n in zip(classes, readable) if n == 0]
+        raise MuseumError(f"class(es) {', '.join(empty[:5])}: no readable training image; fix or remove their files "
+                          "(the log names the unreadable ones)")
     val_index = va[va_keep]
     y_val = np.array([col[val_labels[i]] for i in val_index], dtype=np.int64)
     n_local = len(y_train)
@@ -273,6 +280,15 @@ def val_prediction_rows(val_paths, index, target, proba: np.ndarray, classes: li
     ]
 
 
+def check_classes(labels: list[str], source) -> None:
+    """A one-line error unless there are at least two classes to tell apart."""
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise MuseumError(f"{source}: a classifier needs at least two classes, found {found}; "
+                          "add a folder (or rows) of another class")
+
+
 def load_items(images: Path, train_csv: Path | None):
     if train_csv is not None:
         items = list_competition_images(train_csv, images)
@@ -283,21 +299,33 @@ def load_items(images: Path, train_csv: Path | None):
     return list_image_folder(images)
 
 
+# Where and how fast a run computes, not what it learns: a killed run may resume with others.
+RUNTIME_OPTIONS = frozenset({"device", "workers", "threads", "cache_dir"})
+
+
 def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: Path | None = None,
                       val: Path | None = None, resume: bool = False) -> ImageModel:
     """`museum train-image`: list the data, fit, and write the run folder (rank 0 only)."""
     from museum.image.binary import finish_binary, one_vs_rest, resolve_positive
 
+    out = check_out_folder(out)
     items = load_items(images, train_csv)
     val_items = list_image_folder(val) if val is not None else None
+    check_classes(items.labels, train_csv or images)
     positive = resolve_positive(items.labels, config.positive)  # None: a many-class task
+    if positive is None and config.target_precision is not None:
+        raise MuseumError(f"--target-precision: only for yes/no tasks; {len(set(items.labels))} classes here, "
+                          "so pass --positive CLASS too, or drop it")
     if positive is not None:
         items, val_items = one_vs_rest(items, positive), one_vs_rest(val_items, positive)
     wanted = config_to_dict(config)
     if resume:
+        if not (out / "config.json").is_file() or not (out / "last.pt").is_file():
+            raise MuseumError(f"--resume: {out} holds no interrupted run (config.json and last.pt); "
+                              "check --out, or drop --resume to start one")
         saved = read_json(out / "config.json")
-        if saved != wanted:
-            changed = sorted(k for k in saved if saved.get(k) != wanted.get(k))
+        changed = sorted(k for k in set(saved) | set(wanted) if k not in RUNTIME_OPTIONS and saved.get(k) != wanted.get(k))
+        if changed:
             raise MuseumError(f"--resume: options differ from {out / 'config.json'} ({', '.join(changed)}); "
                               "pass the same options or drop --resume")
     elif (os.environ.get("RANK", "0") == "0"):

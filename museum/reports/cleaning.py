@@ -30,7 +30,8 @@ def clean_page(path: Path, items, oof, issues: list[dict], pairs: list[dict], to
     scored = int(oof.scored.sum())
     headline = html.cards({"rows": len(items.ids), "scored": scored, "flagged": len(issues),
                            "flagged share": round(len(issues) / max(scored, 1), 4)})
-    setup = html.key_values({"experts": " + ".join(oof.experts), "text expert": oof.meta.get("expert"),
+    text_expert = oof.meta.get("expert") if "text" in oof.experts else "none (no descriptions)"
+    setup = html.key_values({"experts": " + ".join(oof.experts), "text expert": text_expert,
                              "folds": oof.meta.get("folds"), "seed": oof.meta.get("seed")})
     pair_rows = [[p["class_a"], p["class_b"], p["flagged_a_to_b"], p["flagged_b_to_a"], p["overlap_rows"], p["joint"]]
                  for p in pairs[:25]]

@@ -72,7 +72,9 @@ def build_run_report(run_dir: str | Path) -> Path:
             ex["path"] = _locate(ex["path"], run_dir)
     # train-text keeps the per-class report at the top level, train-image under "validation".
     metrics = saved.get("validation") or (saved if "per_class" in saved else None)
-    notes = [f"{name} is missing" for name, ok in found.items() if not ok]
+    # A scikit-learn head trains in one go: it has no epochs, so no summary.csv to miss.
+    one_shot = config.get("head") not in (None, "finetune")
+    notes = [f"{name} is missing" for name, ok in found.items() if not ok and not (one_shot and name == "summary.csv")]
     if not found["metrics.json"]:
         notes.append("the run stopped before its final validation, so there is no per-class table, confusion "
                        "matrix or example grid; finish it (train again with --resume) and run `museum report` again")

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from museum.config import TextConfig, config_to_dict
-from museum.data.competition import read_competition_csv, stratified_split
+from museum.data.competition import CompetitionTable, read_competition_csv, stratified_split
+from museum.errors import MuseumError
 from museum.log import logger
 from museum.metrics import classification_metrics, format_report
 from museum.reports import write_report_safely
 from museum.text.model import TextModel
-from museum.utils import atomic_path, write_json
+from museum.utils import atomic_path, check_out_folder, write_json
 
 
 def train_text_model(
@@ -26,10 +27,14 @@ def train_text_model(
     Returns the fitted model and the metrics dict also written to `out/metrics.json`.
     """
     start = time.perf_counter()
-    out = Path(out)
+    out = check_out_folder(out)
     table = read_competition_csv(train_path, require_labels=True)
     extra = [t for path in unlabeled for t in read_competition_csv(path).descriptions]
+    table = _rows_with_text(table)
     train_idx, val_idx = stratified_split(table.labels, config.val_fraction, config.seed)
+    if len(val_idx) == 0:
+        raise MuseumError(f"{train_path}: no row left for validation (every class has a single description); "
+                          "add rows: a class needs two to be both trained and measured")
     train, val = table.subset(train_idx), table.subset(val_idx)
     logger.info(
         f"train-text: {len(train)} training / {len(val)} validation rows, {len(set(table.labels))} classes, "
@@ -75,6 +80,19 @@ def train_text_model(
     )
     write_report_safely(out)
     return model, metrics
+
+
+def _rows_with_text(table: CompetitionTable) -> CompetitionTable:
+    """The rows that have a description (an empty one means "no text": nothing to learn); at least two classes."""
+    keep = np.flatnonzero(table.has_text)
+    if len(keep) < len(table):
+        logger.info(f"{table.path}: {len(table) - len(keep)} row(s) with an empty description left out of text training")
+    table = table.subset(keep)
+    classes = sorted(set(table.labels or []))
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "no description at all"
+        raise MuseumError(f"{table.path}: rows with a description have {found}; a classifier needs at least two classes")
+    return table
 
 
 def _write_summary(path: Path, history: list[dict]) -> None:
