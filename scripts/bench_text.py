@@ -1,6 +1,7 @@
 """Benchmark the text expert: 5-fold stratified CV on the competition train.csv.
 
-Every model sees the same folds. For each: macro-F1, accuracy, train seconds, predict rows/s.
+Every model sees the same folds. For each: macro-F1, accuracy, train seconds, predict rows/s
+(best of 5 calls on the fold's test part, median over folds).
   1. baseline: TF-IDF word (1–2) + char_wb (2–5), sublinear tf, LinearSVC(C=0.5, balanced)
   2. plain Word2Vec + BiLSTM (no navec, no TF-IDF expert)
   3. the shipped default TextModel
@@ -65,6 +66,9 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+PREDICT_REPEATS = 5
+
+
 def run_model(name, make, table, folds, extra):
     scores, accs, fit_s, rates, per_fold = [], [], [], [], []
     for k, (tr, te) in enumerate(folds):
@@ -78,9 +82,14 @@ def run_model(name, make, table, folds, extra):
             model = make().fit(a.descriptions, a.labels, b.descriptions, b.labels, extra, progress=False)
         fit_s.append(time.perf_counter() - start)
         model.predict(test.descriptions[:64])  # warm-up: first calls pay one-off allocation costs
-        start = time.perf_counter()
-        predicted = model.predict(test.descriptions)
-        rates.append(len(test) / (time.perf_counter() - start))
+        # Best of PREDICT_REPEATS calls (as timeit does): on this shared 2-core machine one call of a
+        # fifth of a second varied 2–3× from run to run, which measured the machine, not the model.
+        seconds = []
+        for _ in range(PREDICT_REPEATS):
+            start = time.perf_counter()
+            predicted = model.predict(test.descriptions)
+            seconds.append(time.perf_counter() - start)
+        rates.append(len(test) / min(seconds))
         m = classification_metrics(test.labels, predicted, sorted(set(table.labels)))
         scores.append(m["macro_f1"])
         accs.append(m["accuracy"])
