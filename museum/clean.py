@@ -327,6 +327,12 @@ def run_clean(train_csv: str | Path | None, images: str | Path | None, out: str 
     if reuse:
         oof = load_oof(out_dir, items)
         logger.info(f"reusing out-of-fold probabilities from {out_dir / 'oof.npz'} ({', '.join(oof.experts)})")
+        saved = {"folds": oof.meta.get("folds"), "seed": oof.meta.get("seed"), "expert": oof.meta.get("expert")}
+        asked = {"folds": folds, "seed": seed, "expert": expert}
+        if saved != asked:
+            logger.warning("--reuse: the saved probabilities were made with "
+                           + ", ".join(f"{k} {v}" for k, v in saved.items())
+                           + "; the options given for them are ignored (run without --reuse to recompute)")
     else:
         # Embeddings are cached beside the audit: a rerun with other folds or seeds embeds nothing again.
         oof = out_of_fold(items, folds, seed, expert, out_dir / "embeddings.npz", Path(embeddings) if embeddings else None)
