@@ -29,7 +29,7 @@ import numpy as np
 
 from museum.data.competition import LABEL_COLUMN, is_safe_id, read_competition_csv, stratified_folds, stratified_split
 from museum.dedup import write_csv, write_csv_copy
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.log import logger
 from museum.utils import atomic_path, output_folder, read_json, write_json
 
@@ -207,7 +207,7 @@ def load_oof(out_dir: Path, items: AuditItems) -> OutOfFold:
         with np.load(arrays_path, allow_pickle=False) as arrays:
             proba, scored = arrays["proba"], arrays["scored"].astype(bool)
     except (OSError, KeyError, ValueError) as exc:
-        raise MuseumError(f"{arrays_path}: unreadable ({exc}); run without --reuse") from None
+        raise MuseumError(f"{arrays_path}: unreadable ({load_failure(exc)}); run without --reuse") from None
     if proba.shape != (len(items.ids), len(meta["classes"])):
         raise MuseumError(f"{arrays_path}: shape {proba.shape} does not match {meta_path}; run without --reuse")
     return OutOfFold(proba, scored, list(meta["classes"]), list(meta["experts"]), meta)

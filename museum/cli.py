@@ -14,6 +14,7 @@ import typer
 from museum import __version__
 from museum.errors import MuseumError
 from museum.log import setup_logging
+from museum.utils import check_out_file, check_out_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -86,7 +87,7 @@ def train_text(
     out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help="Model folder to write."),
     epochs: int = typer.Option(20, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
     patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
-    seed: int = typer.Option(0, help="One seed for the split, Word2Vec, torch and sklearn."),
+    seed: int = typer.Option(0, min=0, help="One seed for the split, Word2Vec, torch and sklearn."),
     device: str = DEVICE_OPTION,
     val_fraction: float = typer.Option(0.2, help="Stratified validation share."),
     lemmatize: bool = typer.Option(False, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
@@ -166,6 +167,12 @@ def predict_text(
 
 
 
+def _check_settings(settings: Optional[Path]) -> None:
+    """A --settings file that is not there is an error, not a silent fall-back to the defaults."""
+    if settings is not None and not settings.is_file():
+        raise MuseumError(f"--settings {settings}: no such file; write it with `museum tune --out`, or drop the option")
+
+
 def _model_folder(value: str) -> Optional[Path]:
     """`none` (any case) means: do without this expert."""
     return None if value.strip().lower() == "none" else Path(value)
@@ -218,6 +225,10 @@ def submit_cmd(
     """Write a submission: text when sure, else image when sure, else a blend; fallback for empty rows."""
     from museum.submit import submit
 
+    check_out_file(out, "--out")
+    if proba is not None:
+        check_out_file(proba, "--proba")
+    _check_settings(settings)
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device, chunk_size)
     summary = submit(test_csv, out, images, _model_folder(text_model), _model_folder(image_model), proba, overrides, settings)
     typer.echo(summary.format())
@@ -237,7 +248,7 @@ def tune_cmd(
     fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality (default: most frequent training class)."),
     folds: int = typer.Option(5, help="Cross-validation folds that estimate the gain of tuning."),
     min_gain: float = typer.Option(0.005, help="Out-of-fold macro-F1 gain needed to leave the defaults."),
-    seed: int = typer.Option(0, help="Seed of the folds."),
+    seed: int = typer.Option(0, min=0, help="Seed of the folds."),
     batch_size: int = BATCH_OPTION,
     workers: int = WORKERS_OPTION,
     device: str = DEVICE_OPTION,
@@ -247,6 +258,8 @@ def tune_cmd(
 
     if folds < 2:
         raise MuseumError(f"--folds {folds}: must be at least 2")
+    if out is not None:
+        check_out_file(out, "--out")
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
     overrides.update(tune_folds=folds, tune_min_gain=min_gain, seed=seed)
     _, _, text = tune(valid, images, _model_folder(text_model), _model_folder(image_model), overrides, out)
@@ -273,6 +286,10 @@ def evaluate_cmd(
     """Macro-F1, accuracy and per-class reports: text-only, image-only, cascade and each route."""
     from museum.evaluate import evaluate
 
+    if json_out is not None:
+        check_out_file(json_out, "--json")
+    if report is not None:
+        check_out_folder(report)
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
     typer.echo(evaluate(labeled, images, _model_folder(text_model), _model_folder(image_model), overrides, json_out, report).text)
 
@@ -311,7 +328,7 @@ def train_image(
     workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = CPUs per process."),
     cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
-    seed: int = typer.Option(0, help="One seed for the split, initialisation, sampling and augmentation."),
+    seed: int = typer.Option(0, min=0, help="One seed for the split, initialisation, sampling and augmentation."),
     device: str = DEVICE_OPTION,
     val_fraction: float = typer.Option(0.2, help="Stratified validation share when --val is not given."),
     dedup_split: bool = typer.Option(False, "--dedup-split", help="Keep near-duplicate images on one side of the split (no leak into validation)."),
@@ -485,6 +502,7 @@ def serve_cmd(
     if not 0 < timeout <= 3600:
         raise MuseumError(f"--timeout {timeout}: must be between 0 and 3600 seconds")
     limits = Limits(upload_bytes=max_upload_mb * MB, csv_bytes=max_csv_mb * MB, timeout_s=timeout)
+    _check_settings(settings)
     run_server(_model_folder(text_model), _model_folder(image_model), host, port, device, settings, limits, access_log)
 
 
@@ -535,7 +553,7 @@ def clean_cmd(
     relabel: bool = typer.Option(False, "--relabel", help="Also write a cleaned copy with flagged rows given the suggested label."),
     reuse: bool = typer.Option(False, "--reuse", help="Rerun the audit on the probabilities saved in --out; train nothing."),
     top: int = typer.Option(100, help="Rows shown on the HTML page."),
-    seed: int = typer.Option(0, help="Seed of the folds and the experts."),
+    seed: int = typer.Option(0, min=0, help="Seed of the folds and the experts."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A `museum embed` file (stages features) of these images, read instead of embedding them again."),
 ) -> None:
     """Find likely label errors (confident learning on out-of-fold probabilities); optionally drop or relabel them."""

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.log import logger
 from museum.metrics import classification_metrics
 from museum.utils import atomic_path
@@ -306,11 +306,11 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint written by this package, loaded with `weights_only=True` (plain types only)."""
     if not path.is_file():
-        raise MuseumError(f"{path}: no checkpoint there; train first (museum train-image) or check --model")
+        raise MuseumError(f"{path}: no checkpoint there; train first (museum train-image) or pass the folder it wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise MuseumError(f"{path}: not a readable checkpoint ({str(exc)[:120]}); retrain or restore it") from None
+        raise MuseumError(f"{path}: not a readable checkpoint ({load_failure(exc)}); retrain or restore it") from None
 
 
 def write_summary(path: Path, history: list[dict]) -> None:

@@ -225,6 +225,8 @@ def tune(
     text = "\n".join([
         f"validation: {len(y)} rows ({', '.join(f'{r} {counts[r]}' for r in ROUTES)} under the defaults)",
         format_tune(result),
-        f"saved to {out}; museum submit reads it when it uses these models",
+        f"saved to {out}; " + ("museum submit reads it when it uses these models"
+                               if Path(out).resolve() == settings_path(text_model, image_model).resolve()
+                               else f"pass `--settings {out}` to museum submit"),
     ])
     return result, out, text

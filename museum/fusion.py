@@ -291,7 +291,7 @@ def tune_cascade(
         reason = f"tuning gains {cv_gain:+.4f} macro-F1 out of fold (>= {config.tune_min_gain}); adopted the grid's best"
     else:
         reason = (
-            f"tuning gains only {cv_gain:+.4f} macro-F1 out of fold (< {config.tune_min_gain}): "
+            f"tuning changes macro-F1 out of fold by {cv_gain:+.4f} (a gain of {config.tune_min_gain} is needed): "
             "the full-set gain is likely noise; kept the defaults"
         )
     return TuneResult(chosen=grid.settings[best_idx] if accepted else default, cv_gain=float(cv_gain),

@@ -63,18 +63,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     A crash half-way never leaves a truncated file, and never destroys the previous one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = check_out_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MuseumError(f"{path}: cannot write there ({exc.strerror}); pick another place") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise MuseumError(f"{path}: cannot write there ({exc.strerror}); pick another place") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_out_file(path: str | Path, option: str = "") -> Path:
+    """`path` as a Path, or a one-line error when a folder stands there (checked before any work is done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MuseumError(f"{option + ' ' if option else ''}{path}: is a folder; give a file name")
+    return path
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -193,6 +193,10 @@ def test_report_cli(image_run, tmp_path):
     result = runner.invoke(app, ["report", str(empty)])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "train-text or train-image" in result.output
+    (empty / "metrics.json").write_text("[]", encoding="utf-8")  # valid JSON, not what a run writes
+    result = runner.invoke(app, ["report", str(empty)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is not as train-text/train-image write it" in result.output
 
 
 def test_report_of_1000_validation_images_is_quick(tmp_path, image_run, characters_dir):

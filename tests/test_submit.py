@@ -145,6 +145,17 @@ def test_bad_inputs_give_one_line_errors(tmp_path, text_model_dir):
     line = one_line_error(invoke("submit", good, "--text-model", text_model_dir, "--image-model", "none",
                                  "--images", tmp_path / "no_images"))
     assert "--images" in line
+    # outputs and settings that cannot work are refused before any row is scored
+    line = one_line_error(invoke("submit", good, "--text-model", text_model_dir, "--image-model", "none",
+                                 "--out", tmp_path / "empty_dir"))
+    assert "--out" in line and "is a folder" in line
+    line = one_line_error(invoke("submit", good, "--text-model", text_model_dir, "--image-model", "none",
+                                 "--settings", tmp_path / "no_settings.json"))
+    assert "--settings" in line and "no such file" in line
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("guid,description\na,two,fields too many\n", encoding="utf-8")
+    line = one_line_error(invoke("submit", ragged, "--text-model", text_model_dir, "--image-model", "none"))
+    assert "line 2: 3 field(s), the header has 2" in line
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,12 @@ def _open_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             # A row's first line, not `line_num` (its last): a description may span lines.
             start = reader.line_num + 1
             for row in reader:
+                # DictReader's marks: extra fields under the key None, missing ones as None values. A
+                # missing trailing label is fine (test files); a missing description is a broken row.
+                if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
+                    found = len(header) + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k)
+                    raise MuseumError(f"{path} line {start}: {found} field(s), the header has {len(header)}; "
+                                      "quote any description that holds a comma (\"...\")")
                 yield start, row
                 start = reader.line_num + 1
     except UnicodeDecodeError as exc:
@@ -113,7 +119,7 @@ def iter_competition_chunks(
         if any_label_column is None:
             any_label_column = LABEL_COLUMN in row
             if require_labels and not any_label_column:
-                raise MuseumError(f"{path} line 1: missing column {LABEL_COLUMN}; a training file needs labels")
+                raise MuseumError(f"{path} line 1: missing column {LABEL_COLUMN}; this command needs labelled rows")
         guid = (row.get("guid") or "").strip()
         if not guid:
             raise MuseumError(f"{path} line {line}, field guid: empty; every row needs a unique guid")
@@ -130,7 +136,7 @@ def iter_competition_chunks(
             label = (row.get(LABEL_COLUMN) or "").strip()
             if not label:
                 raise MuseumError(
-                    f"{path} line {line}, field {LABEL_COLUMN}: empty label in a training file; fill it in or drop the row"
+                    f"{path} line {line}, field {LABEL_COLUMN}: empty label; this command needs every row labelled: fill it in or drop the row"
                 )
             chunk.labels.append(label)  # type: ignore[union-attr]
         if len(chunk) >= chunk_size:

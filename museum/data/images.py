@@ -94,7 +94,7 @@ def decode_bytes(data: bytes, path=None, draft: int | None = None, max_pixels: i
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(path, "absurd size", str(exc)[:80]) from None
+        raise ImageDecodeError(path, "absurd size", "Pillow refused it as a possible decompression bomb") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
@@ -152,11 +152,14 @@ class ImageItems:
         return len(self.paths)
 
 
-def list_image_folder(root: str | Path) -> ImageItems:
-    """`root/<class>/*.{jpg,jpeg,png,bmp,webp}` as items; classes are the sub-folder names."""
+def list_image_folder(root: str | Path, option: str = "--images") -> ImageItems:
+    """`root/<class>/*.{jpg,jpeg,png,bmp,webp}` as items; classes are the sub-folder names.
+
+    `option` is how the user gave `root` (an option name, or "" for a positional argument), for messages."""
     root = Path(root)
+    name = f"{option} {root}" if option else str(root)
     if not root.is_dir():
-        raise MuseumError(f"--images {root}: not a folder; expected DIR/<class>/*.jpg (or --train CSV with DIR/<guid>.jpg)")
+        raise MuseumError(f"{name}: not a folder; expected DIR/<class>/*.jpg (or --train CSV with DIR/<guid>.jpg)")
     paths, labels = [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(class_dir.iterdir()):
@@ -165,7 +168,7 @@ def list_image_folder(root: str | Path) -> ImageItems:
                 labels.append(class_dir.name)
     if not paths:
         raise MuseumError(
-            f"--images {root}: no images found in class sub-folders; expected DIR/<class>/*.jpg "
+            f"{name}: no images found in class sub-folders; expected DIR/<class>/*.jpg "
             f"(suffixes {', '.join(IMAGE_SUFFIXES)})"
         )
     return ImageItems(paths, labels)

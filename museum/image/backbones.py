@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.log import logger
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -188,7 +188,7 @@ def _load_file(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise MuseumError(f"--weights {path}: not a readable torch state dict ({str(exc)[:100]}); re-download it") from None
+        raise MuseumError(f"--weights {path}: not a readable torch state dict ({load_failure(exc)}); re-download it") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a museum checkpoint: start from its weights
     if not isinstance(obj, dict):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.log import logger
 from museum.utils import atomic_path
 
@@ -184,7 +184,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
     except FileNotFoundError:
         raise MuseumError(f"{path}: not found; write it with `museum embed`") from None
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise MuseumError(f"{path}: not an embeddings file ({str(exc)[:80]}); write it with `museum embed`") from None
+        raise MuseumError(f"{path}: not an embeddings file ({load_failure(exc)}); write it with `museum embed`") from None
     if meta.get("format") != EMBED_FORMAT:
         raise MuseumError(f"{path}: not an embeddings file of this package; write it with `museum embed`")
     return emb
@@ -252,7 +252,7 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     """
     from museum.data.images import list_competition_images, list_image_folder
 
-    items = list_competition_images(train_csv, images) if train_csv is not None else list_image_folder(images)
+    items = list_competition_images(train_csv, images) if train_csv is not None else list_image_folder(images, option="")
     check_features(features)
     request = {"backbone": backbone, "weights": weights, "input_size": input_size, "tta": tta, "seed": seed,
                "features": features}

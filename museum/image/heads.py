@@ -31,7 +31,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 
 from museum.calibration import fit_temperature, softmax
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.utils import atomic_path, read_json, write_json
 
 HEADS = ("finetune", "logreg", "svm", "mlp", "knn")
@@ -200,7 +200,7 @@ class Head:
                 arrays = {k: z[k] for k in z.files}
             return cls.from_state(meta, arrays)
         except (OSError, KeyError, ValueError) as exc:
-            raise MuseumError(f"{folder / 'head.npz'}: unreadable head ({str(exc)[:80]}); retrain with train-image --head") from None
+            raise MuseumError(f"{folder / 'head.npz'}: unreadable head ({load_failure(exc)}); retrain with train-image --head") from None
 
 
 def fit_head(kind: str, features: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> tuple[Head, dict]:

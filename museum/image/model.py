@@ -18,7 +18,7 @@ from PIL import Image
 from museum import __version__
 from museum.config import ImageConfig, config_from_dict, config_to_dict
 from museum.data.images import decode_loader, image_to_tensor, to_rgb
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.image.augment import normalize
 from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, inference_copy
 from museum.utils import resolve_device
@@ -179,7 +179,7 @@ class ImageModel:
         try:
             model.net.load_state_dict(state["state_dict"])
         except RuntimeError as exc:
-            raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({str(exc)[:100]}); retrain") from None
+            raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({load_failure(exc)}); retrain") from None
         if state.get("head"):
             from museum.image.heads import Head
 

@@ -310,7 +310,7 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
 
     out = check_out_folder(out)
     items = load_items(images, train_csv)
-    val_items = list_image_folder(val) if val is not None else None
+    val_items = list_image_folder(val, "--val") if val is not None else None
     check_classes(items.labels, train_csv or images)
     positive = resolve_positive(items.labels, config.positive)  # None: a many-class task
     if positive is None and config.target_precision is not None:

@@ -62,13 +62,13 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
     path = Path(path)
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
-    texts, image_paths, image_source = None, None, path
+    texts, image_paths, image_source, unsafe = None, None, path, {}
     if path.is_dir():
         if images is not None:
             raise MuseumError(f"--images {images}: only for a CSV; {path} is already an image folder")
         from museum.data.images import list_image_folder
 
-        items = list_image_folder(path)
+        items = list_image_folder(path, option="")
         labels, image_paths = items.labels, [str(p) for p in items.paths]
     else:
         table = read_competition_csv(path)
@@ -79,6 +79,8 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
         if folder.is_dir():
             image_source = folder
             image_paths = [str(folder / f"{g}.jpg") if is_safe_id(g) else "" for g in table.guids]
+            unsafe = {i: f"line {line}: guid {g[:40]!r}" for i, (line, g) in enumerate(zip(table.lines, table.guids))
+                      if not is_safe_id(g)}
     if stats and not image_paths:
         raise MuseumError(f"--stats: {path} has no images; give --images DIR or a folder of class sub-folders")
 
@@ -91,7 +93,7 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
         sections.append(_text_section(out_dir, texts, labels, summary))
     stats_path = None
     if image_paths:
-        scan = scan_images(image_paths, stats)
+        scan = scan_images(image_paths, stats, unsafe)
         sections.append(_image_section(out_dir, scan, summary))
         if stats:
             stats_path = write_channel_stats(out_dir / "channel_stats.json", scan, str(image_source))
@@ -180,7 +182,7 @@ def _text_section(out_dir: Path, texts: list[str], labels: list[str] | None, sum
 # ----------------------------------------------------------------------------- images
 
 
-def scan_images(paths: list[str], stats: bool = False) -> ImageScan:
+def scan_images(paths: list[str], stats: bool = False, unsafe: dict[int, str] | None = None) -> ImageScan:
     """Read every image once: its size from the header, a full decode to prove it is usable,
     and with `stats` the per-channel sums of its STATS_SIZE² squashed pixels (memory stays bounded)."""
     from PIL import Image
@@ -189,9 +191,9 @@ def scan_images(paths: list[str], stats: bool = False) -> ImageScan:
     from museum.data.images import ImageDecodeError, decode_bytes, read_bytes
 
     scan = ImageScan()
-    for path in tqdm(paths, unit="img", desc="eda images", disable=None, leave=False):
-        if not path:
-            scan.failures.append(("(unsafe guid)", "unsafe file name"))
+    for i, path in enumerate(tqdm(paths, unit="img", desc="eda images", disable=None, leave=False)):
+        if not path:  # an id that cannot be a file name: never turned into a path
+            scan.failures.append(((unsafe or {}).get(i, "(unsafe guid)"), "unsafe file name"))
             continue
         try:
             data = read_bytes(path)
@@ -290,7 +292,8 @@ def format_summary(summary: dict, page: Path) -> str:
     s = summary.get("images")
     if s:
         bad = ", ".join(f"{n} {r}" for r, n in sorted(s["unreadable"].items())) or "none"
-        lines.append(f"images: {s['readable']:,} readable (median {s['median_width']:.0f}×{s['median_height']:.0f} px), "
+        median = f" (median {s['median_width']:.0f}×{s['median_height']:.0f} px)" if s["readable"] else ""
+        lines.append(f"images: {s['readable']:,} readable{median}, "
                      f"{s['missing']:,} missing, unreadable: {bad}, {s['outlier_count']:,} size outlier(s)")
         for f in s["unreadable_files"][:10]:
             lines.append(f"  unreadable: {f['path']} ({f['reason']})")

@@ -54,6 +54,15 @@ class ReportInput:
 
 def build_run_report(run_dir: str | Path) -> Path:
     """Write `report.html` and its PNGs into a run folder of train-text or train-image; returns the page."""
+    try:
+        return _build_run_report(run_dir)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # Files edited by hand or written by something else: one line, not a traceback.
+        raise MuseumError(f"{run_dir}: config.json, metrics.json or summary.csv is not as train-text/train-image "
+                          f"write it ({type(exc).__name__}: {str(exc)[:80]}); retrain, or restore the files") from None
+
+
+def _build_run_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MuseumError(f"{run_dir}: not a folder; give a run folder written by train-text or train-image")

@@ -8,8 +8,10 @@ in the background), `limits` (body size, timeout and headers), `page` (HTML temp
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
+from museum.errors import MuseumError
 from museum.log import logger
 from museum.serve.app import create_app
 from museum.serve.limits import Limits
@@ -23,6 +25,7 @@ def run_server(text_dir: Path | None, image_dir: Path | None, host: str = "127.0
     """Load the models once and serve until Ctrl-C."""
     import uvicorn
 
+    _check_port_free(host, port)  # before loading the models, not after uvicorn's multi-line error
     app = create_app(text_dir, image_dir, device, settings_file, limits)
     if not _is_loopback(host):
         logger.warning(f"--host {host}: the server is reachable from other machines; it has no login")
@@ -31,6 +34,22 @@ def run_server(text_dir: Path | None, image_dir: Path | None, host: str = "127.0
     # so idle connections do not hold the limit.
     uvicorn.run(app, host=host, port=port, log_level="info" if access_log else "warning", access_log=access_log,
                 limit_concurrency=64, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A one-line error when `host:port` cannot be bound (in use, or not an address of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise MuseumError(f"--host {host}: not an address or name this machine knows") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise MuseumError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                              "pick another --port or stop what holds it") from None
 
 
 def _is_loopback(host: str) -> bool:

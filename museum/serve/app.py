@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -103,6 +104,16 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
     @app.exception_handler(InputError)
     async def input_error(_request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default is a list of pydantic records; clients get one line, like every other error.
+        if request.url.path.startswith("/jobs/"):
+            return JSONResponse({"detail": "no such job: ids are the 32 hex characters POST /submit returned"},
+                                status_code=404)
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                 for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(parts)[:300]}, status_code=422)
 
     async def read_image(image: UploadFile | None) -> bytes | None:
         # A browser sends an empty, nameless file part when no file was chosen: that is "no image".

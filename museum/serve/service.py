@@ -128,7 +128,8 @@ class Predictor:
             warnings.append("no image model loaded: the image was not used")
             image = None
         if not description and image is None:
-            raise InputError(f"nothing to score: give {_what_can_be_scored(experts)}")
+            raise InputError(f"nothing to score: give {_what_can_be_scored(experts)} "
+                             "(multipart/form-data fields `description` and `image`)")
         k = len(experts.classes)
         text_p = np.full((1, k), np.nan)
         image_p = np.full((1, k), np.nan)

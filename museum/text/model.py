@@ -25,7 +25,7 @@ import torch
 
 from museum import __version__
 from museum.config import TextConfig, config_from_dict, config_to_dict
-from museum.errors import MuseumError
+from museum.errors import MuseumError, load_failure
 from museum.log import logger
 from museum.metrics import macro_f1
 from museum.text.lstm import BiLSTMClassifier, encode, predict_logits, train_lstm
@@ -250,7 +250,7 @@ class TextModel:
         except MuseumError:
             raise
         except Exception as exc:  # corrupted or foreign files: one line, not a traceback
-            raise MuseumError(f"{folder}: cannot load the text model ({type(exc).__name__}: {exc}); retrain it") from None
+            raise MuseumError(f"{folder}: cannot load the text model ({load_failure(exc)}); retrain it") from None
         model.device = resolve_device(device)
         model.lstm_.to(model.device)
         return model
