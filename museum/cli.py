@@ -206,7 +206,7 @@ def _fusion_overrides(
 @app.command("submit")
 @friendly_errors
 def submit_cmd(
-    test_csv: Path = typer.Argument(..., help="Test CSV: guid,description[,typology]."),
+    test_csv: Path = typer.Argument(..., metavar="TEST_CSV", help="Test CSV: guid,description[,typology]."),
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
@@ -269,7 +269,7 @@ def tune_cmd(
 @app.command("evaluate")
 @friendly_errors
 def evaluate_cmd(
-    labeled: Path = typer.Argument(..., help="Labelled CSV: guid,description,typology."),
+    labeled: Path = typer.Argument(..., metavar="LABELLED_CSV", help="Labelled CSV: guid,description,typology."),
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
@@ -397,7 +397,7 @@ def train_image(
 @app.command("embed")
 @friendly_errors
 def embed_cmd(
-    images: Path = typer.Argument(..., help="DIR/<class>/*.jpg, or the competition CSV (then --images is the folder of {guid}.jpg)."),
+    images: Path = typer.Argument(..., metavar="FOLDER_OR_CSV", help="DIR/<class>/*.jpg, or the competition CSV (then --images is the folder of {guid}.jpg)."),
     image_dir: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (default: images/ beside it)."),
     out: Path = typer.Option(Path("embeddings.npz"), "--out", help="Embeddings file to write (reused as is when up to date)."),
     backbone: str = typer.Option("mobilenet_v2", help="torchvision model name."),
@@ -512,7 +512,7 @@ def serve_cmd(
 @app.command("report")
 @friendly_errors
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="Run folder of train-text or train-image (finished or interrupted)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run folder of train-text or train-image (finished or interrupted)."),
 ) -> None:
     """Rebuild report.html and its PNG figures in a run folder."""
     from museum.reports.run_report import build_run_report
@@ -525,7 +525,7 @@ def report_cmd(
 @app.command("eda")
 @friendly_errors
 def eda_cmd(
-    path: Path = typer.Argument(..., help="Competition CSV (guid,description[,typology]) or DIR/<class>/*.jpg."),
+    path: Path = typer.Argument(..., metavar="CSV_OR_FOLDER", help="Competition CSV (guid,description[,typology]) or DIR/<class>/*.jpg."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (default: images/ beside the CSV, if there is one)."),
     stats: bool = typer.Option(False, "--stats", help="Also write per-channel mean/std (channel_stats.json) for train-image."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eda.html, eda.json and the figures (default: reports/eda-NAME)."),
@@ -544,7 +544,7 @@ def eda_cmd(
 @app.command("clean")
 @friendly_errors
 def clean_cmd(
-    train: Optional[Path] = typer.Argument(None, help="Competition CSV (guid,description,typology); omit to audit --images DIR/<class>/*.jpg."),
+    train: Optional[Path] = typer.Argument(None, metavar="TRAIN_CSV", help="Competition CSV (guid,description,typology); omit to audit --images DIR/<class>/*.jpg."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg; alone: DIR/<class>/*.jpg."),
     folds: int = typer.Option(5, help="Stratified folds for the out-of-fold probabilities."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for label_issues.csv/.html, oof.npz (default reports/clean-NAME)."),
@@ -576,7 +576,7 @@ def clean_cmd(
 @app.command("dedup")
 @friendly_errors
 def dedup_cmd(
-    path: Path = typer.Argument(..., help="Image folder (DIR/<class>/*.jpg or DIR/*.jpg) or a competition CSV."),
+    path: Path = typer.Argument(..., metavar="FOLDER_OR_CSV", help="Image folder (DIR/<class>/*.jpg or DIR/*.jpg) or a competition CSV."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (without it, only descriptions are compared)."),
     threshold: Optional[float] = typer.Option(None, help="Cosine similarity of embeddings from which two images are near duplicates on that alone (default 0.96); from 0.6 up, a matching centre-crop hash also makes them duplicates."),
     keep: str = typer.Option("all", help="all (report only) or one (also write a list/CSV keeping one item per group)."),
