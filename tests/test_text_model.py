@@ -136,3 +136,20 @@ def test_cli_bad_weights_are_one_line(museum_train_csv, tmp_path):
         result = CliRunner().invoke(app, ["train-text", "--train", str(museum_train_csv), "--out", str(tmp_path / "m"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+def test_char_wb_transformer_matches_scikit_learn(museum_train_csv):
+    """The word-cached char_wb transform gives scikit-learn's matrix exactly, cold and warm."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from museum.text.charwb import CharWbTransformer
+    from museum.text.tokenize import normalise
+
+    texts = [normalise(t) for t in read_competition_csv(museum_train_csv, require_labels=True).descriptions]
+    odd = ["", "   ", "a", "Ab", "Ёлка  ПАЛКА\tx\xa0y", "№ 5 г.", "x" * 10, "a\u2003b"]
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, dtype=np.float32)
+    vectorizer.fit(texts[:2000])
+    fast = CharWbTransformer(vectorizer)
+    for batch in (texts[2000:] + odd, texts[2000:] + odd):  # the second pass is answered from the word cache
+        expected, got = vectorizer.transform(batch), fast.transform(batch)
+        assert got.dtype == expected.dtype and (got != expected).nnz == 0

@@ -17,6 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.svm import LinearSVC
 
 from museum.calibration import fit_temperature, softmax
+from museum.text.charwb import CharWbTransformer
 from museum.text.tokenize import normalise
 
 _VECTORIZERS = {
@@ -31,10 +32,20 @@ class TfidfExpert:
     def __init__(self, c: float = 0.2, seed: int = 0) -> None:
         self.c = c
         self.seed = seed
+        self._char_wb: dict[str, CharWbTransformer] = {}  # per vectorizer, with its word cache
 
     def _features(self, texts: list[str]) -> sp.csr_matrix:
         texts = [normalise(t) for t in texts]
-        return sp.hstack([v.transform(texts) for v in self.vectorizers_.values()]).tocsr()
+        return sp.hstack([self._transform(name, v, texts) for name, v in self.vectorizers_.items()]).tocsr()
+
+    def _transform(self, name: str, vectorizer: TfidfVectorizer, texts: list[str]) -> sp.csr_matrix:
+        """`vectorizer.transform`, through the word-cached `CharWbTransformer` for char_wb n-grams (same matrix)."""
+        if vectorizer.analyzer != "char_wb":
+            return vectorizer.transform(texts)
+        fast = self._char_wb.get(name)
+        if fast is None or fast.vectorizer is not vectorizer:
+            fast = self._char_wb[name] = CharWbTransformer(vectorizer)
+        return fast.transform(texts)
 
     def fit(self, texts: list[str], labels: list[str]) -> "TfidfExpert":
         self.classes_ = sorted(set(labels))
