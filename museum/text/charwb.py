@@ -8,6 +8,7 @@ is cut once, its vocabulary indices are cached, and a text costs a lookup per wo
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from itertools import chain
 
@@ -56,12 +57,21 @@ class CharWbTransformer:
         indices: list[int] = []
         counts: list[int] = []
         indptr = [0]
-        for text in texts:
-            # str.split() is the whitespace rule scikit-learn's char_wb analyser applies after lower-casing.
-            counted = Counter(chain.from_iterable(map(self._indices, text.lower().split())))
-            indices.extend(counted.keys())
-            counts.extend(counted.values())
-            indptr.append(len(indices))
+        # No reference cycles are made here, but filling the cache allocates enough containers to set
+        # off full collections that walk the whole loaded model: a process's first call took 0.22 s
+        # instead of 0.07 s on test.csv's 676 descriptions until the collector was paused.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for text in texts:
+                # str.split() is the whitespace rule scikit-learn's char_wb analyser applies after lower-casing.
+                counted = Counter(chain.from_iterable(map(self._indices, text.lower().split())))
+                indices.extend(counted.keys())
+                counts.extend(counted.values())
+                indptr.append(len(indices))
+        finally:
+            if collecting:
+                gc.enable()
         x = sp.csr_matrix((np.array(counts, dtype=v.dtype), np.array(indices, dtype=np.int32),
                            np.array(indptr, dtype=np.int32)), shape=(len(texts), len(v.vocabulary_)))
         x.sort_indices()
