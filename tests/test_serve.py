@@ -280,6 +280,8 @@ def test_bad_csv_is_refused_at_once(client, content, message):
 def test_unknown_jobs(client):
     assert client.get(f"/jobs/{'0' * 32}").status_code == 404
     assert client.get("/jobs/..%2F..%2Fetc").status_code in (404, 422)
+    malformed = client.get("/jobs/not-a-job-id")
+    assert malformed.status_code == 404 and malformed.json()["detail"].startswith("no such job")  # one line, not pydantic's list
     assert client.get(f"/jobs/{'0' * 32}/submission.csv").status_code == 404
 
 
@@ -504,3 +506,18 @@ def _post_predict(url: str, photo: Path, description: str) -> str:
     request = urllib.request.Request(url + "/predict", data=body, method="POST",
                                      headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     return urllib.request.urlopen(request, timeout=30).read().decode("utf-8")
+
+
+def test_busy_port_is_one_line_before_anything_loads():
+    import socket
+
+    from museum.errors import MuseumError
+    from museum.serve import _check_port_free
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(MuseumError, match=f"--port {port}: cannot listen on 127.0.0.1:{port}"):
+            _check_port_free("127.0.0.1", port)
+    _check_port_free("127.0.0.1", port)  # free again once released
