@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -207,7 +208,10 @@ def test_separate_validation_folder(tiny_folder, tmp_path):
 def test_ddp_two_cpu_processes(tiny_folder, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MUSEUM_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    with socket.socket() as probe:  # a port nothing else holds: a fixed one can collide with another job's
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            "-m", "museum", "train-image", "--images", str(tiny_folder), "--out", str(out), "--weights", "none",
            "--input-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "1", "--threads", "1",
            "--device", "cpu"]
