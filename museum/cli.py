@@ -167,12 +167,6 @@ def predict_text(
 
 
 
-def _check_settings(settings: Optional[Path]) -> None:
-    """A --settings file that is not there is an error, not a silent fall-back to the defaults."""
-    if settings is not None and not settings.is_file():
-        raise MuseumError(f"--settings {settings}: no such file; write it with `museum tune --out`, or drop the option")
-
-
 def _model_folder(value: str) -> Optional[Path]:
     """`none` (any case) means: do without this expert."""
     return None if value.strip().lower() == "none" else Path(value)
@@ -228,7 +222,6 @@ def submit_cmd(
     check_out_file(out, "--out")
     if proba is not None:
         check_out_file(proba, "--proba")
-    _check_settings(settings)
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device, chunk_size)
     summary = submit(test_csv, out, images, _model_folder(text_model), _model_folder(image_model), proba, overrides, settings)
     typer.echo(summary.format())
@@ -502,7 +495,6 @@ def serve_cmd(
     if not 0 < timeout <= 3600:
         raise MuseumError(f"--timeout {timeout}: must be between 0 and 3600 seconds")
     limits = Limits(upload_bytes=max_upload_mb * MB, csv_bytes=max_csv_mb * MB, timeout_s=timeout)
-    _check_settings(settings)
     run_server(_model_folder(text_model), _model_folder(image_model), host, port, device, settings, limits, access_log)
 
 

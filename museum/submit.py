@@ -97,6 +97,9 @@ def prepare(
     use_saved: bool = True,
 ) -> RunSetup:
     """Load the experts, the saved `fusion.json` (if any, and if `use_saved`) and apply explicit overrides."""
+    # Settings asked for by name must exist; only the default place may be empty (then: defaults).
+    if settings_file is not None and not Path(settings_file).is_file():
+        raise MuseumError(f"--settings {settings_file}: no such file; write it with `museum tune --out`, or drop the option")
     images = resolve_images(csv_path, images)
     experts = load_experts(text_model, image_model, device=overrides.get("device") or "auto")
     log_experts(experts)

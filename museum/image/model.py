@@ -51,6 +51,9 @@ class ImageModel:
 
         `out` receives last.pt/best.pt/summary.csv as training goes (a temporary folder when None).
         """
+        from museum.image.train import check_classes
+
+        check_classes(list(labels), "training images")  # fine-tuning and every head alike
         if self.config.head != "finetune":
             from museum.image.head_train import fit_head_model as fit_image_model
         else:
@@ -61,12 +64,17 @@ class ImageModel:
         self._fused = None  # the weights may have changed in place
         return self
 
-    def build(self, classes: list[str], input_size: int, weights: str, head: bool = False) -> str:
+    def build(self, classes: list[str], input_size: int, weights: str, head: bool = False,
+              check_size: bool = True) -> str:
         """Create the network for `classes` (with `head`, the backbone as a feature extractor for a
-        scikit-learn head, see `embed.head_extractor`); returns where its initial weights came from."""
+        scikit-learn head, see `embed.head_extractor`); returns where its initial weights came from.
+
+        `check_size` runs one dry forward pass at `input_size` (needed before training; a loaded
+        checkpoint was trained at its size, so `load` skips it)."""
         self.classes_, self.input_size = list(classes), int(input_size)
         self.net, source = build_backbone(self.config.backbone, len(classes), weights)
-        check_input_size(self.net, self.config.backbone, self.input_size)
+        if check_size:
+            check_input_size(self.net, self.config.backbone, self.input_size)
         if head:
             from museum.image.embed import head_extractor
 
@@ -173,7 +181,7 @@ class ImageModel:
             raise MuseumError(f"{path}: not an image-model checkpoint of this package; pass the folder written by train-image")
         model = cls(config_from_dict(ImageConfig, state["config"]))
         model.mean, model.std = list(state["mean"]), list(state["std"])
-        model.build(state["classes"], state["input_size"], weights="none", head=bool(state.get("head")))
+        model.build(state["classes"], state["input_size"], weights="none", head=bool(state.get("head")), check_size=False)
         model.decision = state.get("decision")
         model.epoch, model.metric = state["epoch"], state["metric"]
         try:

@@ -140,7 +140,6 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     info, device = setup_distributed(resolve_device(config.device))
     seed_everything(config.seed)
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-    check_classes(labels, "training images")
     classes = sorted(set(labels))
     if val_paths is None:
         paths, labels, val_paths, val_labels = split_train_val(paths, labels, config)
@@ -311,7 +310,6 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
     out = check_out_folder(out)
     items = load_items(images, train_csv)
     val_items = list_image_folder(val, "--val") if val is not None else None
-    check_classes(items.labels, train_csv or images)
     positive = resolve_positive(items.labels, config.positive)  # None: a many-class task
     if positive is None and config.target_precision is not None:
         raise MuseumError(f"--target-precision: only for yes/no tasks; {len(set(items.labels))} classes here, "

@@ -32,7 +32,6 @@ class TfidfExpert:
     def __init__(self, c: float = 0.2, seed: int = 0) -> None:
         self.c = c
         self.seed = seed
-        self._char_wb: dict[str, CharWbTransformer] = {}  # per vectorizer, with its word cache
 
     def _features(self, texts: list[str]) -> sp.csr_matrix:
         texts = [normalise(t) for t in texts]
@@ -40,20 +39,21 @@ class TfidfExpert:
 
     def _transform(self, name: str, vectorizer: TfidfVectorizer, texts: list[str]) -> sp.csr_matrix:
         """`vectorizer.transform`, through the word-cached `CharWbTransformer` for char_wb n-grams (same matrix)."""
-        if vectorizer.analyzer != "char_wb":
-            return vectorizer.transform(texts)
         fast = self._char_wb.get(name)
-        if fast is None or fast.vectorizer is not vectorizer:
-            fast = self._char_wb[name] = CharWbTransformer(vectorizer)
-        return fast.transform(texts)
+        return fast.transform(texts) if fast is not None else vectorizer.transform(texts)
+
+    def _set_vectorizers(self, vectorizers: dict[str, TfidfVectorizer]) -> None:
+        """Fitted vectorizers, and a fresh word cache for each char_wb one."""
+        self.vectorizers_ = vectorizers
+        self._char_wb = {n: CharWbTransformer(v) for n, v in vectorizers.items() if v.analyzer == "char_wb"}
 
     def fit(self, texts: list[str], labels: list[str]) -> "TfidfExpert":
         self.classes_ = sorted(set(labels))
         y = np.searchsorted(self.classes_, labels)
-        self.vectorizers_ = {
+        self._set_vectorizers({
             name: TfidfVectorizer(dtype=np.float32, **params).fit([normalise(t) for t in texts])
             for name, params in _VECTORIZERS.items()
-        }
+        })
         x = self._features(texts)
         svc = LinearSVC(C=self.c, class_weight="balanced")
         n_splits = int(min(3, max(2, np.bincount(y).min())))
@@ -100,12 +100,13 @@ class TfidfExpert:
     def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "TfidfExpert":
         expert = cls(c=meta["c"])
         expert.classes_ = list(meta["classes"])
-        expert.vectorizers_ = {}
+        vectorizers = {}
         for name, params in _VECTORIZERS.items():
             vectorizer = TfidfVectorizer(dtype=np.float32, **params)
             vectorizer.vocabulary_ = dict(meta["vocabularies"][name])
             vectorizer.idf_ = arrays[f"idf_{name}"]
-            expert.vectorizers_[name] = vectorizer
+            vectorizers[name] = vectorizer
+        expert._set_vectorizers(vectorizers)
         expert.coef_ = arrays["coef"]
         expert.intercept_ = arrays["intercept"]
         expert.temperature_ = float(meta["temperature"])
