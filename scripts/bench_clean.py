@@ -5,7 +5,9 @@
    audit, and score the flagged rows against the flips. The real file has label errors of its
    own (photographs filed as documents, coins as "other"...), which the audit also flags and
    which count as false positives here; so a second figure leaves out the rows the same audit
-   flags on the original labels (pre-existing suspects, whose truth is unknown).
+   flags on the original labels (pre-existing suspects, whose truth is unknown). A third figure
+   ranks rows by label-quality score alone: precision (= recall) of the len(flips) lowest, and
+   how many of its non-flips were pre-existing suspects.
 2. Images: the same on a character set (default simpsons_small), with the embedding head.
 3. Cleaning for real: a stratified 80/20 split of the real train.csv (seed 0). The audit runs on
    the training part only; the TF-IDF expert is trained on it as is, with flagged rows dropped,
@@ -59,17 +61,25 @@ def flip_benchmark(items: AuditItems, name: str, expert: str, seed: int, cache: 
     start = time.perf_counter()
     suspects = {d["index"] for d in find_issues(original, out_of_fold(items, 5, seed, expert, cache))[0]}
     items.labels, flips = flip(original, 0.05, rng)
-    issues, _ = find_issues(items.labels, out_of_fold(items, 5, seed, expert, cache))
+    issues, quality = find_issues(items.labels, out_of_fold(items, 5, seed, expert, cache))
     seconds = time.perf_counter() - start
     flagged = {d["index"] for d in issues}
+    # Ranking quality apart from the flag rule: the len(flips) lowest-scored rows, and how many of
+    # the non-flips among them the audit of the original labels had already flagged.
+    top = set(np.argsort(np.nan_to_num(quality, nan=np.inf), kind="stable")[:len(flips)].tolist())
     res = {"rows": len(original), "all_rows": score(flagged, flips),
            "without_preexisting_suspects": score(flagged, flips, set(range(len(original))) - suspects),
+           "top_k_by_score": {**score(top, flips), "non_flips": len(top - flips),
+                              "non_flips_preexisting_suspects": len((top - flips) & suspects)},
            "preexisting_suspects": len(suspects), "seconds_two_audits": round(seconds, 1)}
     items.labels = original
     for key in ("all_rows", "without_preexisting_suspects"):
         r = res[key]
         print(f"{name} [{key}]: precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
               f"({r['flagged']} flagged, {r['flips']} flips)", flush=True)
+    r = res["top_k_by_score"]
+    print(f"{name} [lowest {r['flagged']} scores]: precision = recall {r['precision']:.3f}; of its {r['non_flips']} "
+          f"non-flips, {r['non_flips_preexisting_suspects']} were flagged on the original labels too", flush=True)
     return res
 
 
