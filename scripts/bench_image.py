@@ -5,12 +5,14 @@ Speed (images/s, training and inference, MobileNetV2 at the default input size):
   (b) the shipped pipeline from epoch 2 on (decoded-once uint8 cache + batched augmentation),
   (c) the model alone on float tensors already in memory: the compute limit.
 Accuracy: `train_image_model` with default options on each set (stratified 80/20 split),
-with the best validation macro-F1 and the wall seconds of the whole run.
+with the best validation macro-F1 and the wall seconds of the whole run. `--seeds 0,1,2`
+trains once per split seed (the seed draws the split, initialisation and augmentation) and
+adds each set's mean: on ~90 validation images one image moves macro-F1 by ~0.01.
 
-    python scripts/bench_image.py [--quick] [--datasets simpsons_small,quintuplets] [--merge]
+    python scripts/bench_image.py [--quick] [--datasets simpsons_small,quintuplets] [--seeds 0] [--merge]
 
-Prints tables and writes bench_results/bench_image.json. With `--merge` the rows of sets not
-run this time are kept from that file, so slow sets can be re-run (or run in parallel) alone.
+Prints tables and writes bench_results/bench_image.json. With `--merge` the rows of (set, seed)
+pairs not run this time are kept from that file, so slow sets can be re-run (or run in parallel) alone.
 """
 
 from __future__ import annotations
@@ -109,13 +111,13 @@ def speed(root: Path, size: int, n_batches: int, batch: int = 32, rounds: int = 
     return {f"{phase}_{which}": round(r, 1) for (phase, which), r in rates.items()} | {"images": n, "size": size}
 
 
-def accuracy(name: str, quick: bool, out_root: Path, threads: int) -> dict:
-    config = ImageConfig(epochs=2 if quick else 0, threads=threads)
+def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0) -> dict:
+    config = ImageConfig(epochs=2 if quick else 0, threads=threads, seed=seed)
     start = time.perf_counter()
-    model = train_image_model(config, DATA / name, out_root / name)
+    model = train_image_model(config, DATA / name, out_root / (name if seed == 0 else f"{name}-seed{seed}"))
     seconds = time.perf_counter() - start
     val = model.report_["validation"]
-    return {"dataset": name, "macro_f1": round(val["macro_f1"], 4), "accuracy": round(val["accuracy"], 4),
+    return {"dataset": name, "seed": seed, "macro_f1": round(val["macro_f1"], 4), "accuracy": round(val["accuracy"], 4),
             "target": TARGETS.get(name), "best_epoch": model.epoch, "epochs_run": len(model.report_["history"]),
             "input_size": model.input_size, "seconds": round(seconds, 1),
             "load_average_1min_at_end": round(os.getloadavg()[0], 2)}  # > CPUs: other jobs slowed this run
@@ -129,9 +131,14 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true", help="Skip the speed table (keep the file's with --merge).")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0 = all CPUs); 1 when other jobs share the CPUs: oversubscribed threads crawl.")
+    parser.add_argument("--seeds", default="0", help="Split seeds, comma-separated; one training per set and seed.")
     parser.add_argument("--merge", action="store_true", help="Keep the file's results for what is not run now.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_image.json")
     args = parser.parse_args()
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2")
     setup_logging()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     size = 160
@@ -147,18 +154,28 @@ def main() -> None:
             print(f"{phase:10} {a:16.1f} {b:12.1f} {c:15.1f} {b / c:6.0%}")
     if not args.speed_only:
         out_root = args.out.parent / "image_runs"
-        result["accuracy"] = [accuracy(name, args.quick, out_root, args.threads) for name in args.datasets.split(",") if name]
+        result["accuracy"] = [accuracy(name, args.quick, out_root, args.threads, seed)
+                              for name in args.datasets.split(",") if name for seed in seeds]
     if args.merge and args.out.is_file():  # read as late as possible: a parallel run may have just written it
         old = json.loads(args.out.read_text())
         result.setdefault("speed", old.get("speed"))
-        done = {r["dataset"] for r in result.get("accuracy", [])}
-        result["accuracy"] = [r for r in old.get("accuracy", []) if r["dataset"] not in done] + result.get("accuracy", [])
-        result["accuracy"].sort(key=lambda r: DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else len(DATASETS))
+        done = {(r["dataset"], r.get("seed", 0)) for r in result.get("accuracy", [])}
+        result["accuracy"] = [r for r in old.get("accuracy", []) if (r["dataset"], r.get("seed", 0)) not in done] \
+            + result.get("accuracy", [])
+        result["accuracy"].sort(key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else len(DATASETS),
+                                               r.get("seed", 0)))
     if result.get("accuracy"):
-        print(f"\n{'dataset':18} {'macro-F1':>8} {'target':>7} {'accuracy':>8} {'px':>4} {'epochs':>6} {'seconds':>8}")
+        print(f"\n{'dataset':18} {'seed':>4} {'macro-F1':>8} {'target':>7} {'accuracy':>8} {'px':>4} {'epochs':>6} {'seconds':>8}")
         for r in result["accuracy"]:
-            print(f"{r['dataset']:18} {r['macro_f1']:8.4f} {r['target'] or 0:7.2f} {r['accuracy']:8.4f} "
+            print(f"{r['dataset']:18} {r.get('seed', 0):4d} {r['macro_f1']:8.4f} {r['target'] or 0:7.2f} {r['accuracy']:8.4f} "
                   f"{r['input_size']:4d} {r['epochs_run']:6d} {r['seconds']:8.1f}")
+        result["mean_over_seeds"] = {}
+        for name in dict.fromkeys(r["dataset"] for r in result["accuracy"]):
+            rows = [r for r in result["accuracy"] if r["dataset"] == name]
+            if len(rows) > 1:
+                mean = sum(r["macro_f1"] for r in rows) / len(rows)
+                result["mean_over_seeds"][name] = {"seeds": [r.get("seed", 0) for r in rows], "macro_f1": round(mean, 4)}
+                print(f"{name}: mean macro-F1 {mean:.4f} over split seeds {', '.join(str(r.get('seed', 0)) for r in rows)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {args.out}")
