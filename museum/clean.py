@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from museum.data.competition import LABEL_COLUMN, is_safe_id, read_competition_csv, stratified_folds, stratified_split
+from museum.data.competition import LABEL_COLUMN, guid_image_paths, read_competition_csv, stratified_folds, stratified_split
 from museum.dedup import write_csv, write_csv_copy
 from museum.errors import MuseumError, load_failure
 from museum.log import logger
-from museum.utils import atomic_path, output_folder, read_json, write_json
+from museum.utils import atomic_path, check_classes, output_folder, read_json, write_json
 
 EXPERTS = ("fast", "full")
 ACTIONS = ("report", "drop", "relabel")
@@ -88,12 +88,7 @@ def load_items(train_csv: str | Path | None, images: str | Path | None) -> Audit
     table = read_competition_csv(train_csv, require_labels=True)
     items = AuditItems(Path(train_csv), table.guids, list(table.labels or []), texts=table.descriptions, lines=table.lines)
     if images is not None:
-        root = Path(images)
-        if not root.is_dir():
-            raise MuseumError(f"--images {root}: not a folder; expected {root}/{{guid}}.jpg for the rows of {train_csv}")
-        items.paths = [root / f"{g}.jpg" if is_safe_id(g) and (root / f"{g}.jpg").is_file() else None for g in table.guids]
-        if not any(items.paths):
-            raise MuseumError(f"{train_csv}: none of its {len(table)} rows has an image {root}/{{guid}}.jpg; check --images")
+        items.paths = guid_image_paths(train_csv, table.guids, images)
     return items
 
 
@@ -162,9 +157,7 @@ def out_of_fold(items: AuditItems, folds: int = 5, seed: int = 0, expert: str = 
     """k-fold stratified, seeded out-of-fold probabilities from every expert the items allow."""
     if expert not in EXPERTS:
         raise MuseumError(f"--expert {expert}: expected one of {', '.join(EXPERTS)}")
-    classes = sorted(set(items.labels))
-    if len(classes) < 2:
-        raise MuseumError(f"{items.source}: only one class ({classes[0]}); an audit needs at least two")
+    classes = check_classes(items.labels, f"{items.source}: the labels", "an audit")
     y = np.searchsorted(classes, items.labels)
     splits = stratified_folds(items.labels, folds, seed)
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}

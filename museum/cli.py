@@ -4,8 +4,6 @@ one library function. Errors in the user's input print one line and exit with st
 from __future__ import annotations
 
 import functools
-import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -282,7 +280,7 @@ def evaluate_cmd(
     if json_out is not None:
         check_out_file(json_out, "--json")
     if report is not None:
-        check_out_folder(report)
+        check_out_folder(report, "--report")
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
     typer.echo(evaluate(labeled, images, _model_folder(text_model), _model_folder(image_model), overrides, json_out, report).text)
 

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from museum.data.competition import is_safe_id, normalise_description, read_competition_csv, stratified_split
+from museum.data.competition import guid_image_paths, normalise_description, read_competition_csv, stratified_split
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.utils import atomic_path, output_folder, write_json
@@ -85,13 +85,7 @@ def load_dedup_items(path: str | Path, images: str | Path | None = None) -> Dedu
     # Labels are optional here (a test file has none): only conflicts need them.
     items = DedupItems(path, table.guids, None, read_labels(path, len(table)), table.descriptions, table.lines)
     if images is not None:
-        root = Path(images)
-        if not root.is_dir():
-            raise MuseumError(f"--images {root}: not a folder; expected {root}/{{guid}}.jpg for the rows of {path}")
-        items.paths = [root / f"{g}.jpg" if is_safe_id(g) and (root / f"{g}.jpg").is_file() else None for g in table.guids]
-        if not any(items.paths):
-            raise MuseumError(f"{path}: none of its {len(table)} rows has an image {root}/{{guid}}.jpg; check --images, "
-                              "or drop it to compare descriptions only")
+        items.paths = guid_image_paths(path, table.guids, images, "check --images, or drop it to compare descriptions only")
     return items
 
 

@@ -41,11 +41,11 @@ def resolve_device(name: str) -> str:
     raise MuseumError(f"--device {name}: expected auto, cpu or cuda")
 
 
-def check_out_folder(folder: str | Path) -> Path:
+def check_out_folder(folder: str | Path, option: str = "--out") -> Path:
     """`folder` as a Path, or a one-line error when a file stands there (checked before any work is done)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise MuseumError(f"--out {folder}: is a file; give a folder")
+        raise MuseumError(f"{option} {folder}: is a file; give a folder")
     return folder
 
 
@@ -68,7 +68,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise MuseumError(f"{path}: cannot write there ({exc.strerror}); pick another place") from None
+        raise _cannot_write(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -77,10 +77,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             os.replace(tmp_path, path)
         except OSError as exc:
-            raise MuseumError(f"{path}: cannot write there ({exc.strerror}); pick another place") from None
+            raise _cannot_write(path, exc) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_classes(labels, source: str, what: str = "a classifier") -> list[str]:
+    """The sorted classes of `labels`; a one-line error unless there are at least two to tell apart.
+
+    `source` names what holds the labels ("training images", "FILE: rows with a description")."""
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "no labels"
+        raise MuseumError(f"{source} have {found}; {what} needs at least two classes: add rows (or a folder) of another class")
+    return classes
+
+
+def _cannot_write(path: Path, exc: OSError) -> MuseumError:
+    return MuseumError(f"{path}: cannot write there ({exc.strerror}); pick another place")
 
 
 def check_out_file(path: str | Path, option: str = "") -> Path:

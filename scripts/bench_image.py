@@ -159,23 +159,25 @@ def main() -> None:
     if args.merge and args.out.is_file():  # read as late as possible: a parallel run may have just written it
         old = json.loads(args.out.read_text())
         result.setdefault("speed", old.get("speed"))
-        done = {(r["dataset"], r.get("seed", 0)) for r in result.get("accuracy", [])}
-        result["accuracy"] = [r for r in old.get("accuracy", []) if (r["dataset"], r.get("seed", 0)) not in done] \
+        for r in old.get("accuracy", []):
+            r.setdefault("seed", 0)  # files written before --seeds trained on seed 0
+        done = {(r["dataset"], r["seed"]) for r in result.get("accuracy", [])}
+        result["accuracy"] = [r for r in old.get("accuracy", []) if (r["dataset"], r["seed"]) not in done] \
             + result.get("accuracy", [])
         result["accuracy"].sort(key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else len(DATASETS),
-                                               r.get("seed", 0)))
+                                               r["seed"]))
     if result.get("accuracy"):
         print(f"\n{'dataset':18} {'seed':>4} {'macro-F1':>8} {'target':>7} {'accuracy':>8} {'px':>4} {'epochs':>6} {'seconds':>8}")
         for r in result["accuracy"]:
-            print(f"{r['dataset']:18} {r.get('seed', 0):4d} {r['macro_f1']:8.4f} {r['target'] or 0:7.2f} {r['accuracy']:8.4f} "
+            print(f"{r['dataset']:18} {r['seed']:4d} {r['macro_f1']:8.4f} {r['target'] or 0:7.2f} {r['accuracy']:8.4f} "
                   f"{r['input_size']:4d} {r['epochs_run']:6d} {r['seconds']:8.1f}")
         result["mean_over_seeds"] = {}
         for name in dict.fromkeys(r["dataset"] for r in result["accuracy"]):
             rows = [r for r in result["accuracy"] if r["dataset"] == name]
             if len(rows) > 1:
                 mean = sum(r["macro_f1"] for r in rows) / len(rows)
-                result["mean_over_seeds"][name] = {"seeds": [r.get("seed", 0) for r in rows], "macro_f1": round(mean, 4)}
-                print(f"{name}: mean macro-F1 {mean:.4f} over split seeds {', '.join(str(r.get('seed', 0)) for r in rows)}")
+                result["mean_over_seeds"][name] = {"seeds": [r["seed"] for r in rows], "macro_f1": round(mean, 4)}
+                print(f"{name}: mean macro-F1 {mean:.4f} over split seeds {', '.join(str(r['seed']) for r in rows)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {args.out}")

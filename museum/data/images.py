@@ -93,7 +93,7 @@ def decode_bytes(data: bytes, path=None, draft: int | None = None, max_pixels: i
             img.load()
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError(path, "absurd size", "Pillow refused it as a possible decompression bomb") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image") from None

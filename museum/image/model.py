@@ -21,7 +21,7 @@ from museum.data.images import decode_loader, image_to_tensor, to_rgb
 from museum.errors import MuseumError, load_failure
 from museum.image.augment import normalize
 from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, inference_copy
-from museum.utils import resolve_device
+from museum.utils import check_classes, resolve_device
 
 CHECKPOINT_FORMAT = "museum-image/1"
 
@@ -51,9 +51,7 @@ class ImageModel:
 
         `out` receives last.pt/best.pt/summary.csv as training goes (a temporary folder when None).
         """
-        from museum.image.train import check_classes
-
-        check_classes(list(labels), "training images")  # fine-tuning and every head alike
+        check_classes(labels, "training images")  # fine-tuning and every head alike
         if self.config.head != "finetune":
             from museum.image.head_train import fit_head_model as fit_image_model
         else:

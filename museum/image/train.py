@@ -279,15 +279,6 @@ def val_prediction_rows(val_paths, index, target, proba: np.ndarray, classes: li
     ]
 
 
-def check_classes(labels: list[str], source) -> None:
-    """A one-line error unless there are at least two classes to tell apart."""
-    classes = sorted(set(labels))
-    if len(classes) < 2:
-        found = f"only {classes[0]!r}" if classes else "none"
-        raise MuseumError(f"{source}: a classifier needs at least two classes, found {found}; "
-                          "add a folder (or rows) of another class")
-
-
 def load_items(images: Path, train_csv: Path | None):
     if train_csv is not None:
         items = list_competition_images(train_csv, images)

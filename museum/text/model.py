@@ -26,7 +26,6 @@ import torch
 from museum import __version__
 from museum.config import TextConfig, config_from_dict, config_to_dict
 from museum.errors import MuseumError, load_failure
-from museum.log import logger
 from museum.metrics import macro_f1
 from museum.text.lstm import BiLSTMClassifier, encode, predict_logits, train_lstm
 from museum.calibration import fit_temperature, softmax

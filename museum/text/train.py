@@ -16,7 +16,7 @@ from museum.log import logger
 from museum.metrics import classification_metrics, format_report
 from museum.reports import write_report_safely
 from museum.text.model import TextModel
-from museum.utils import atomic_path, check_out_folder, write_json
+from museum.utils import atomic_path, check_classes, check_out_folder, write_json
 
 
 def train_text_model(
@@ -88,10 +88,7 @@ def _rows_with_text(table: CompetitionTable) -> CompetitionTable:
     if len(keep) < len(table):
         logger.info(f"{table.path}: {len(table) - len(keep)} row(s) with an empty description left out of text training")
     table = table.subset(keep)
-    classes = sorted(set(table.labels or []))
-    if len(classes) < 2:
-        found = f"only {classes[0]!r}" if classes else "no description at all"
-        raise MuseumError(f"{table.path}: rows with a description have {found}; a classifier needs at least two classes")
+    check_classes(table.labels or [], f"{table.path}: rows with a description")
     return table
 
 
