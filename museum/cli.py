@@ -309,6 +309,7 @@ def train_image(
     backbone_lr: float = typer.Option(1.0, help="Backbone learning rate as a share of --lr (the new head gets --lr)."),
     ema: float = typer.Option(0.15, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
+    members: int = typer.Option(0, help="Networks to fine-tune (seeds SEED, SEED+100, ...) and average; 0 = auto: 3 below 500 training images, else 1."),
     label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
     balance: str = typer.Option("loss", help="loss (cross-entropy weighted ∝ 1/class count, at most 10× apart), sampler (class-balanced draws) or none."),
     soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
@@ -366,6 +367,10 @@ def train_image(
         raise MuseumError(f"--ema {ema}: must be between 0 (off) and 1")
     if head not in HEADS:
         raise MuseumError(f"--head {head}: expected one of {', '.join(HEADS)}")
+    if members < 0:
+        raise MuseumError(f"--members {members}: must be 0 (auto) or at least 1")
+    if members > 1 and head != "finetune":
+        raise MuseumError(f"--members {members}: only fine-tuning trains several networks; drop it with --head {head}")
     if head != "finetune" and resume:
         raise MuseumError(f"--resume: a {head} head trains in one go; drop --resume")
     check_features(head_features, "--head-features")
@@ -377,7 +382,7 @@ def train_image(
         seed=seed, val_fraction=val_fraction, dedup_split=dedup_split, device=device, backbone=backbone, weights=weights,
         input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
-        backbone_lr=backbone_lr, ema=ema, tta=tta, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
+        backbone_lr=backbone_lr, ema=ema, tta=tta, members=members, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
         color_jitter=color_jitter, mixup=mixup_share, amp=amp, workers=workers, threads=threads,
         cache_dir=str(cache_dir) if cache_dir else None, head=head, head_features=head_features,
         embeddings=str(embeddings) if embeddings else None, positive=positive, target_precision=target_precision,

@@ -113,6 +113,7 @@ class ImageConfig:
     soft_f1: float = 0.0  # weight of the soft-F1 term in the loss (0..1)
     ema: float = 0.15  # horizon of the weight average that is validated and kept, as a share of all steps; 0 = off
     tta: bool = True  # validate and predict on the mean of each image's and its mirror's logits
+    members: int = 0  # networks trained under seeds seed, seed+100, ... and averaged; 0 = auto: 3 below 500 training images, else 1
     # augmentation
     crop_scale: float = 0.35  # smallest area share of a random resized crop
     color_jitter: float = 0.3

@@ -26,7 +26,7 @@ from museum.image import backbones
 from museum.image.model import ImageModel
 from museum.image.train import train_image_model
 
-TINY = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=8, workers=0, threads=1, freeze_epochs=0)
+TINY = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=8, workers=0, threads=1, freeze_epochs=0, members=1)
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +178,41 @@ def test_seed_makes_runs_identical_and_resume_continues(tiny_folder, tmp_path, m
         assert torch.equal(a, b), name
     with pytest.raises(MuseumError, match="options differ"):
         train_image_model(replace(config, lr=0.5), tiny_folder, tmp_path / "killed", resume=True)
+
+
+def test_members_are_averaged_saved_and_resumed(tiny_folder, tmp_path, monkeypatch):
+    config = replace(TINY, epochs=2, members=2)
+    full = train_image_model(config, tiny_folder, tmp_path / "full")
+    assert len(full.members) == 1 and (tmp_path / "full" / "member1" / "summary.csv").is_file()
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert [m["seed"] for m in metrics["members"]] == [0, 100]
+    images = [Image.open(p) for p in sorted(tiny_folder.rglob("*.*"))[:6]]
+    loaded = ImageModel.load(tmp_path / "full", device="cpu")
+    assert len(loaded.members) == 1
+    np.testing.assert_allclose(loaded.predict_proba(images), full.predict_proba(images), atol=1e-6)
+    # The ensemble's probabilities are the mean of its networks' (member 1 alone: its own checkpoint).
+    alone = [ImageModel.load(tmp_path / "full" / "member1" / "best.pt", device="cpu").predict_proba(images)]
+    loaded.members = []
+    alone.append(loaded.predict_proba(images))
+    np.testing.assert_allclose(full.predict_proba(images), np.mean(alone, 0), atol=1e-6)
+
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def killed_in_member_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # member 0 finished; member 1 dies in its epoch 2
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", killed_in_member_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_image_model(config, tiny_folder, tmp_path / "killed")
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    resumed = train_image_model(config, tiny_folder, tmp_path / "killed", resume=True)
+    np.testing.assert_allclose(resumed.predict_proba(images), full.predict_proba(images), atol=1e-6)
+    with pytest.raises(MuseumError, match="only fine-tuning"):
+        ImageModel(replace(config, head="logreg")).fit([Path("a.jpg"), Path("b.jpg")], ["x", "y"])
 
 
 def test_competition_layout_trains(multimodal_dir, tmp_path):

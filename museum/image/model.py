@@ -33,6 +33,7 @@ class ImageModel:
         self.config = config or ImageConfig()
         self.classes_: list[str] = []
         self.net: torch.nn.Module | None = None
+        self.members: list[torch.nn.Module] = []  # further fine-tuned networks averaged with `net` (`--members`)
         self.input_size = self.config.input_size
         self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         self.device = "cpu"
@@ -41,7 +42,7 @@ class ImageModel:
         self.head = None  # a fitted `museum.image.heads.Head` on frozen features (`--head`), else None
         self.features: str | None = None  # with a head: the feature kind `net` returns (embed.FEATURES)
         self.decision: dict | None = None  # binary tasks: {"positive": class, "threshold": raw probability}
-        self._fused: tuple | None = None  # (net it was made from, its fused inference copy)
+        self._fused: tuple | None = None  # (networks they were made from, their fused inference copies)
 
     # ------------------------------------------------------------------ training
 
@@ -52,6 +53,9 @@ class ImageModel:
         `out` receives last.pt/best.pt/summary.csv as training goes (a temporary folder when None).
         """
         check_classes(labels, "training images")  # fine-tuning and every head alike
+        if self.config.head != "finetune" and self.config.members > 1:
+            raise MuseumError(f"members={self.config.members}: only fine-tuning trains several networks, "
+                              f"not a {self.config.head} head")
         if self.config.head != "finetune":
             from museum.image.head_train import fit_head_model as fit_image_model
         else:
@@ -86,6 +90,7 @@ class ImageModel:
             "classes": list(self.classes_), "input_size": self.input_size, "mean": list(self.mean),
             "std": list(self.std), "config": config_to_dict(self.config),
             "head": self.head.kind if self.head is not None else None, "decision": self.decision,
+            "members": 1 + len(self.members),
         }
 
     # ------------------------------------------------------------------ inference
@@ -99,24 +104,26 @@ class ImageModel:
         """Normalisation mean and std as tensors on the model's device (built once per call, not per batch)."""
         return torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
 
-    def _inference_net(self) -> torch.nn.Module:
-        """A conv/batch-norm fused eval copy of `net` (`inference_copy`), rebuilt when `net` is replaced."""
-        net = self._check_fitted()
-        if self._fused is None or self._fused[0] is not net:
-            self._fused = (net, inference_copy(net).to(self.device))
+    def _inference_nets(self) -> list[torch.nn.Module]:
+        """Conv/batch-norm fused eval copies of `net` and the members (`inference_copy`), rebuilt when they change."""
+        nets = [self._check_fitted(), *self.members]
+        if self._fused is None or len(self._fused[0]) != len(nets) or any(a is not b for a, b in zip(self._fused[0], nets)):
+            self._fused = (nets, [inference_copy(net).to(self.device) for net in nets])
         return self._fused[1]
 
     @torch.no_grad()
     def _proba_uint8(self, batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-        net = self._inference_net()
         x = normalize(batch.to(self.device), mean, std)
-        logits = net(x).float()
-        if self.config.tta:  # the mirror view, as validation scored it
-            logits = (logits + net(x.flip(3)).float()) / 2
-        if self.head is not None:  # `logits` are feature vectors here
-            proba = self.head.predict_proba(logits.cpu().numpy())
-        else:
-            proba = logits.softmax(1).cpu().numpy()
+        outputs = []
+        for net in self._inference_nets():
+            logits = net(x).float()
+            if self.config.tta:  # the mirror view, as validation scored it
+                logits = (logits + net(x.flip(3)).float()) / 2
+            outputs.append(logits)
+        if self.head is not None:  # `logits` are feature vectors here (heads have no members)
+            proba = self.head.predict_proba(outputs[0].cpu().numpy())
+        else:  # members vote with their probabilities, as validation averaged them
+            proba = torch.stack([logits.softmax(1) for logits in outputs]).mean(0).cpu().numpy()
         if self.decision is not None:  # binary task: 0.5 moves to the saved threshold
             from museum.image.binary import shift_proba
 
@@ -161,8 +168,9 @@ class ImageModel:
 
         net = self._check_fitted()
         path = Path(folder) / "best.pt"
-        save_checkpoint({**self.meta(), "epoch": self.epoch, "metric": self.metric,
-                         "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}}, path)
+        plain = lambda module: {k: v.cpu() for k, v in module.state_dict().items()}  # noqa: E731
+        save_checkpoint({**self.meta(), "epoch": self.epoch, "metric": self.metric, "state_dict": plain(net),
+                         "member_state_dicts": [plain(member) for member in self.members]}, path)
         if self.head is not None:
             self.head.save(folder)
         return path
@@ -184,6 +192,10 @@ class ImageModel:
         model.epoch, model.metric = state["epoch"], state["metric"]
         try:
             model.net.load_state_dict(state["state_dict"])
+            for member_state in state.get("member_state_dicts") or []:
+                member, _ = build_backbone(model.config.backbone, len(model.classes_), "none")
+                member.load_state_dict(member_state)
+                model.members.append(member.eval())
         except RuntimeError as exc:
             raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({load_failure(exc)}); retrain") from None
         if state.get("head"):
@@ -192,4 +204,6 @@ class ImageModel:
             model.head = Head.load(path.parent)
         model.device = resolve_device(device)
         model.net.to(model.device).eval()
+        for member in model.members:
+            member.to(model.device)
         return model

@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from museum.config import ImageConfig, config_to_dict
 from museum.data.competition import stratified_split
 from museum.data.images import (decode_cache, default_workers, list_competition_images, list_image_folder,
                                 probe_median_side)
-from museum.engine import (DistInfo, Loop, MixedLoss, Mixup, WeightEMA, all_gather_objects, cleanup_distributed, fit, run_validation,
+from museum.engine import (DistInfo, Loop, MixedLoss, Mixup, WeightEMA, all_gather_objects, cleanup_distributed, evaluate, fit,
+                           run_validation,
                            setup_distributed, unwrap, warmup_cosine)
 from museum.errors import MuseumError
 from museum.image.augment import augment, normalize
@@ -77,6 +79,24 @@ def auto_mixup(epochs: int) -> float:
     0.913 → 0.880, museum_multimodal 0.712 → 0.631.
     """
     return 1.0 if epochs >= 10 else 0.0
+
+
+# Member k of an ensemble trains under seed + 100·k, so member 0 is the single network of the same seed.
+MEMBER_SEED_STEP = 100
+SMALL_SET = 500
+
+
+def auto_members(n_train: int) -> int:
+    """Networks to train and average: 3 below 500 training images, else 1.
+
+    On a small set one network's validation score swings with its random initialisation,
+    order and augmentation: quintuplets_faces (362 training images, 90 validation) gave
+    0.967 / 0.989 / 0.967 for three seeds on one split, and 0.933–0.977 on two others.
+    Averaging three removes most of that swing (0.989 / 0.956 / 0.966 on the three splits,
+    mean 0.970 against 0.963 for single networks) and, at that size, costs about two
+    minutes on a 2-core CPU. Larger sets vary less and cost more per network.
+    """
+    return 3 if n_train < SMALL_SET else 1
 
 
 def _shard(n: int, info: DistInfo, seed: int) -> np.ndarray:
@@ -180,10 +200,65 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     if min(local_counts) < 2:
         raise MuseumError("fewer than 2 readable training images (per process); add images or use fewer processes")
 
+    counts = np.bincount([col[l] for l in labels], minlength=len(classes)).astype(np.float64)
+    data = _Decoded(train_cache, y_train, per_rank, counts, val_cache, y_val, val_index, classes)
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="museum-image-"))
+    n_members = config.members or auto_members(len(paths))
+    if n_members > 1 and info.is_main:
+        logger.info(f"{n_members} networks will be trained on these images and averaged (--members)")
+    loops, bests = [], []
+    for k in range(n_members):
+        member_seed = config.seed + MEMBER_SEED_STEP * k
+        if k:  # member 0 is the network built above, initialised under the run's seed
+            seed_everything(member_seed)
+            model.build(classes, size, config.weights)
+            if info.is_main:
+                logger.info(f"member {k + 1}/{n_members} (seed {member_seed})")
+        member_out = out_dir if k == 0 else out_dir / f"member{k}"
+        member_out.mkdir(parents=True, exist_ok=True)
+        loop = _member_loop(model, data, config, device, info, size, epochs, mixup, member_seed, member_out)
+        bests.append(fit(loop, resume=resume and (member_out / "last.pt").is_file()))
+        loop.set_frozen(False)
+        loops.append(loop)
+    model.net, model.device = unwrap(loops[0].model), device
+    model.members = [unwrap(loop.model) for loop in loops[1:]]
+    model.epoch, model.metric = bests[0]["best_epoch"], bests[0]["best_metric"]
+    val, outputs = _ensemble_validation(loops)
+    if val is not None and n_members > 1:
+        model.metric = val["macro_f1"]
+    model.report_ = _report(val, outputs, val_paths, classes, loops[0].history, bests[0])
+    if n_members > 1:
+        if info.is_main:  # best.pt held member 0 alone while the others trained
+            model.save(out_dir)
+        model.report_["members"] = [{"seed": config.seed + MEMBER_SEED_STEP * k, **best} for k, best in enumerate(bests)]
+        if info.is_main and val is not None:
+            logger.info("members' val macro-F1 " + ", ".join(f"{b['best_metric']:.4f}" for b in bests)
+                        + f"; averaged {val['macro_f1']:.4f}")
+    return model
+
+
+@dataclass
+class _Decoded:
+    """The decoded rows of this process, shared by every member network."""
+
+    train_cache: torch.Tensor  # uint8 images
+    y_train: torch.Tensor  # class index per training row
+    per_rank: int  # training rows per epoch on every process (the largest shard)
+    counts: np.ndarray  # training rows per class, over all processes
+    val_cache: torch.Tensor
+    y_val: np.ndarray
+    val_index: np.ndarray  # global validation row of each local one
+    classes: list[str]
+
+
+def _member_loop(model: ImageModel, data: _Decoded, config: ImageConfig, device: str, info: DistInfo, size: int,
+                 epochs: int, mixup: float, seed: int, out_dir: Path) -> Loop:
+    """The optimiser, schedule, loss and batches of `model.net`, ready for `engine.fit`."""
     net = model.net.to(device)
     if device.startswith("cpu"):
         net = net.to(memory_format=torch.channels_last)
-    counts = np.bincount([col[l] for l in labels], minlength=len(classes)).astype(np.float64)
+    classes, counts, y_train, per_rank = data.classes, data.counts, data.y_train, data.per_rank
+    n_local = len(y_train)
     class_weights = torch.tensor(balanced_class_weights(counts), dtype=torch.float32, device=device)
     head = head_parameter_names(net)
     body_names = [n for n, _ in net.named_parameters() if n not in head]
@@ -210,7 +285,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if device.startswith("cuda") else None)
 
-    generator = torch.Generator().manual_seed(config.seed + 1000 * info.rank)
+    generator = torch.Generator().manual_seed(seed + 1000 * info.rank)
     mean = torch.tensor(model.mean, device=device)
     std = torch.tensor(model.std, device=device)
     # Balanced draws: each class is drawn equally often, so a row's weight is 1 / its class count.
@@ -222,7 +297,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
         else:
             order = torch.randperm(n_local, generator=generator)
             order = order.repeat(-(-per_rank // n_local))[:per_rank]  # equal steps on every rank
-        return _batches(train_cache, y_train, order, config.batch_size, train=True)
+        return _batches(data.train_cache, y_train, order, config.batch_size, train=True)
 
     def set_frozen(frozen: bool) -> None:
         if info.enabled:
@@ -234,14 +309,13 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     def to_device_layout(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if device.startswith("cpu") else x
 
-    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="museum-image-"))
-    loop = Loop(
+    return Loop(
         model=net, optimizer=optimizer, scheduler=scheduler,
         criterion=MixedLoss(class_weights if config.balance == "loss" else None, config.label_smoothing, config.soft_f1),
         train_batches=train_batches,
-        val_batches=(lambda: _batches(val_cache, torch.from_numpy(y_val), torch.arange(len(y_val)), 128, train=False))
-        if len(val_paths) else None,
-        val_target=y_val, val_index=val_index, classes=classes,
+        val_batches=(lambda: _batches(data.val_cache, torch.from_numpy(data.y_val), torch.arange(len(data.y_val)), 128,
+                                      train=False)) if len(data.y_val) else None,
+        val_target=data.y_val, val_index=data.val_index, classes=classes,
         prepare_train=lambda x: to_device_layout(augment(x, size, generator, config.crop_scale, config.color_jitter, mean, std)),
         prepare_eval=lambda x: to_device_layout(normalize(x, mean, std)),
         generator=generator, out=out_dir, meta=model.meta(), epochs=epochs, patience=config.patience,
@@ -250,13 +324,19 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
         ema=WeightEMA(net, 1 - 1 / max(1.0, config.ema * steps * epochs)) if config.ema > 0 else None,
         mixup=Mixup(mixup, generator) if mixup > 0 else None,
     )
-    best = fit(loop, resume=resume)
-    set_frozen(False)
-    model.net, model.device = unwrap(net), device
-    model.epoch, model.metric = best["best_epoch"], best["best_metric"]
-    val, outputs = run_validation(loop)
-    model.report_ = _report(val, outputs, val_paths, classes, loop.history, best)
-    return model
+
+
+def _ensemble_validation(loops: list[Loop]) -> tuple[dict | None, dict | None]:
+    """`run_validation` of the members' averaged probabilities (of the one network when alone)."""
+    val, outputs = run_validation(loops[0])
+    if outputs is None or len(loops) == 1:
+        return val, outputs
+    proba = outputs["logits"].softmax(1)
+    for loop in loops[1:]:
+        proba += run_validation(loop)[1]["logits"].softmax(1)
+    # Log-probabilities act as logits: their softmax is the averaged probability again.
+    outputs["logits"] = (proba / len(loops)).clamp_min(1e-12).log()
+    return evaluate(outputs["logits"], outputs["target"], loops[0].classes), outputs
 
 
 def _report(val, outputs, val_paths, classes, history, best) -> dict:
@@ -333,7 +413,8 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
             if val_metrics:
                 from museum.metrics import format_report
 
-                what = f"best epoch {model.epoch}" if config.head == "finetune" else f"{config.head} head"
+                what = (f"{config.head} head" if config.head != "finetune" else f"best epoch {model.epoch}" if not model.members
+                        else f"{1 + len(model.members)} networks averaged")
                 logger.info(format_report(val_metrics, f"validation ({what})"))
             logger.info(f"model written to {out}")
             write_report_safely(out)
