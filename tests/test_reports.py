@@ -27,7 +27,7 @@ from museum.utils import read_json, write_json
 
 @pytest.fixture(scope="session")
 def image_run(tmp_path_factory, characters_dir) -> Path:
-    """A real one-epoch train-image run folder on simpsons_small (64 px to stay quick)."""
+    """A real one-epoch train-image run folder on simpsons_small (64 px to stay quick; 3 networks, as auto picks for 259 images)."""
     from museum.image.train import train_image_model
 
     out = tmp_path_factory.mktemp("image_run")
@@ -137,6 +137,8 @@ def test_image_run_report_opens_in_chromium(tmp_path, image_run):
     check = open_in_chromium(page, tmp_path / "image_report.png")
     assert len(check.images) == 6 and not check.broken_images, check.images
     assert "Most-confused pairs" in check.dom
+    assert "networks&#x27; validation macro-F1" in text or "networks' validation macro-F1" in text
+    assert "seed 100:" in text and "first of 3 networks" in text
     assert check.screenshot.stat().st_size > 20_000
 
 

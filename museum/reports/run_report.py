@@ -92,10 +92,17 @@ def _build_run_report(run_dir: str | Path) -> Path:
                        "model (see the experts' validation macro-F1 under Data)")
     elif not examples:
         notes.append("metrics.json holds no val_predictions: no confusion matrix or examples")
+    members = saved.get("members") or []
+    if members:
+        notes.append(f"the learning curves follow the first of {len(members)} networks; the scores above are those "
+                     "of their averaged probabilities (each network's score is under Data)")
     names = {"train_rows": "training rows", "val_rows": "validation rows", "blend_weights": "blend weights",
              "seconds": "training seconds"}
     data = {label: _plain_text(saved[key]) for key, label in names.items() if key in saved}
     data.update({f"{name} validation macro-F1": value for name, value in (saved.get("experts") or {}).items()})
+    if members:
+        data["networks' validation macro-F1"] = " · ".join(f"seed {m['seed']}: {m['best_metric']:.4f} (epoch {m['best_epoch']})"
+                                                          for m in members)
     report = ReportInput(
         title=f"{kind.capitalize()} run {run_dir.resolve().name}", kind=kind, config=config, history=history,
         best_epoch=saved.get("best_epoch") or _best_epoch(history), classes=list(saved.get("classes") or []),
