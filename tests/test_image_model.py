@@ -286,6 +286,8 @@ def test_cli_bad_options_are_one_line(tiny_folder, tmp_path):
         (["--balance", "magic"], "--balance magic"),
         (["--epochs", "-1"], "--epochs -1"),
         (["--ema", "1.5"], "--ema 1.5"),
+        (["--members", "-1"], "--members -1"),
+        (["--members", "3", "--head", "svm"], "only fine-tuning trains several networks"),
         (["--mixup", "2"], "--mixup 2"),
         (["--mixup", "lots"], "--mixup lots"),
         (["--backbone", "nope", "--weights", "none"], "--backbone nope"),
