@@ -219,6 +219,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
         loop = _member_loop(model, data, config, device, info, size, epochs, mixup, member_seed, member_out)
         bests.append(fit(loop, resume=resume and (member_out / "last.pt").is_file()))
         loop.set_frozen(False)
+        loop.optimizer.state.clear()  # the moments of a finished network would only hold memory
         loops.append(loop)
     model.net, model.device = unwrap(loops[0].model), device
     model.members = [unwrap(loop.model) for loop in loops[1:]]
