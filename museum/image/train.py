@@ -22,8 +22,7 @@ from museum.data.competition import stratified_split
 from museum.data.images import (decode_cache, default_workers, list_competition_images, list_image_folder,
                                 probe_median_side)
 from museum.engine import (DistInfo, Loop, MixedLoss, Mixup, WeightEMA, all_gather_objects, cleanup_distributed, evaluate, fit,
-                           run_validation,
-                           setup_distributed, unwrap, warmup_cosine)
+                           run_validation, setup_distributed, unwrap, warmup_cosine)
 from museum.errors import MuseumError
 from museum.image.augment import augment, normalize
 from museum.image.backbones import head_parameter_names
@@ -203,12 +202,12 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     counts = np.bincount([col[l] for l in labels], minlength=len(classes)).astype(np.float64)
     data = _Decoded(train_cache, y_train, per_rank, counts, val_cache, y_val, val_index, classes)
     out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="museum-image-"))
-    n_members = config.members or auto_members(len(paths))
+    seeds = [config.seed + MEMBER_SEED_STEP * k for k in range(config.members or auto_members(len(paths)))]
+    n_members = len(seeds)
     if n_members > 1 and info.is_main:
         logger.info(f"{n_members} networks will be trained on these images and averaged (--members)")
     loops, bests = [], []
-    for k in range(n_members):
-        member_seed = config.seed + MEMBER_SEED_STEP * k
+    for k, member_seed in enumerate(seeds):
         if k:  # member 0 is the network built above, initialised under the run's seed
             seed_everything(member_seed)
             model.build(classes, size, config.weights)
@@ -231,7 +230,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     if n_members > 1:
         if info.is_main:  # best.pt held member 0 alone while the others trained
             model.save(out_dir)
-        model.report_["members"] = [{"seed": config.seed + MEMBER_SEED_STEP * k, **best} for k, best in enumerate(bests)]
+        model.report_["members"] = [{"seed": seed, **best} for seed, best in zip(seeds, bests)]
         if info.is_main and val is not None:
             logger.info("members' val macro-F1 " + ", ".join(f"{b['best_metric']:.4f}" for b in bests)
                         + f"; averaged {val['macro_f1']:.4f}")
