@@ -14,6 +14,13 @@ that order, so a run is deterministic.
 
 `tune_cascade` grid-searches the thresholds and the blend weight for macro-F1 and only
 moves away from the defaults when a cross-validated estimate says the gain is real.
+
+Learned rules (fitted on out-of-fold probabilities, see `museum.crossfit`) share the cascade's
+interface (`classes`, `fallback`, `combine` → `CascadeResult`) and routes: a row with one
+modality is decided by that expert (`text` / `image`), a row with both by the rule (`blend`),
+a row with neither by the fallback. `choose_fusion` picks the default cascade, a tuned
+cascade, `WeightedRule` or `StackerRule` by an inner cross-validation; `rule_from_settings`
+rebuilds the saved choice (a `fusion.json` without a rule gives the cascade, as before).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -97,6 +104,7 @@ class CascadeResult:
     proba: np.ndarray
     routes: np.ndarray
     pred: np.ndarray  # class indices into Cascade.classes
+    rule: str = "cascade"  # the rule that routed these rows (`kind` of the rule object)
 
     def labels(self, classes: Sequence[str]) -> list[str]:
         return [classes[j] for j in self.pred]
@@ -111,6 +119,7 @@ class Cascade:
     image_threshold: float = 0.7
     blend_weight: float = 0.5
     fallback: str = ""
+    kind: ClassVar[str] = "cascade"
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -312,6 +321,334 @@ def format_tune(result: TuneResult) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- learned rules
+
+# Probabilities are floored before the log: an aligned 0 (a class the fold's expert never saw)
+# stays a strong vote against, not an infinite one.
+LOG_FLOOR = 1e-6
+
+
+def _availability_routes(has_text: np.ndarray, has_image: np.ndarray) -> np.ndarray:
+    """Route per row for a learned rule: BLEND with both modalities, else the one it has, else FALLBACK."""
+    return np.select([has_text & has_image, has_text, has_image], [BLEND, TEXT, IMAGE], default=FALLBACK).astype(np.int8)
+
+
+def _log_proba(proba: np.ndarray, usable: np.ndarray, known: np.ndarray | None) -> np.ndarray:
+    """log p with rows that are not usable set to 0; columns of classes the expert does not know
+    (`known` False) get log(1 / number it knows): it has no say about them, for or against."""
+    logp = np.log(np.clip(np.nan_to_num(np.asarray(proba, np.float64), nan=1.0), LOG_FLOOR, None))
+    if known is not None and not np.all(known):
+        logp[:, ~known] = -np.log(max(int(np.sum(known)), 1))
+    return np.where(usable[:, None], logp, 0.0)
+
+
+def _softmax64(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _result(rule, routes: np.ndarray, sources: dict[int, np.ndarray]) -> CascadeResult:
+    """Each row's probabilities from `sources[its route]` (NaN read as 0); FALLBACK rows one-hot."""
+    proba = np.zeros((len(routes), len(rule.classes)))
+    proba[:, rule.classes.index(rule.fallback)] = 1.0
+    for code, source in sources.items():
+        rows = routes == code
+        proba[rows] = np.nan_to_num(np.asarray(source, np.float64)[rows], nan=0.0)
+    return CascadeResult(proba=proba, routes=routes, pred=np.argmax(proba, axis=1), rule=rule.kind)
+
+
+def _check_rule(classes: list[str], fallback: str) -> None:
+    Cascade(classes, fallback=fallback)  # the same one-line errors as the cascade's
+
+
+@dataclass
+class WeightedRule:
+    """A weighted geometric mean of the experts on rows with both: softmax(w_t · log p_text + w_i · log p_image).
+
+    The two weights are each expert's weight and inverse temperature at once, fitted by log-loss
+    on out-of-fold rows; they work for every class, including classes absent from those rows.
+    """
+
+    classes: list[str]
+    text_weight: float
+    image_weight: float
+    fallback: str
+    text_known: list[bool] | None = None  # per class: the text expert knows it (None: all)
+    image_known: list[bool] | None = None
+    kind: ClassVar[str] = "weighted"
+
+    def __post_init__(self) -> None:
+        _check_rule(self.classes, self.fallback)
+
+    def log_views(self, text_p, image_p, has_text, has_image) -> tuple[np.ndarray, np.ndarray]:
+        """(log p_text, log p_image) as the rule weighs them (see `_log_proba`)."""
+        known = lambda mask: None if mask is None else np.asarray(mask, bool)  # noqa: E731
+        return (_log_proba(text_p, np.asarray(has_text, bool), known(self.text_known)),
+                _log_proba(image_p, np.asarray(has_image, bool), known(self.image_known)))
+
+    def combine(self, text_p, image_p, has_text, has_image) -> CascadeResult:
+        lt, li = self.log_views(text_p, image_p, has_text, has_image)
+        fused = _softmax64(self.text_weight * lt + self.image_weight * li)
+        routes = _availability_routes(np.asarray(has_text, bool), np.asarray(has_image, bool))
+        return _result(self, routes, {TEXT: text_p, IMAGE: image_p, BLEND: fused})
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "text_weight": self.text_weight, "image_weight": self.image_weight,
+                "text_known": self.text_known, "image_known": self.image_known}
+
+
+def fit_weighted(text_p, image_p, has_text, has_image, y, classes, fallback,
+                 text_known=None, image_known=None) -> WeightedRule:
+    """The weights minimising log-loss on the rows with both modalities whose label a model knows."""
+    from scipy.optimize import minimize
+
+    rule = WeightedRule(list(classes), 1.0, 1.0, fallback, text_known, image_known)
+    rows = np.asarray(has_text, bool) & np.asarray(has_image, bool) & (np.asarray(y) < len(classes))
+    if not rows.any():
+        return rule
+    everywhere = np.ones(int(rows.sum()), bool)
+    lt, li = rule.log_views(text_p[rows], image_p[rows], everywhere, everywhere)
+    target = np.asarray(y)[rows]
+
+    def nll(w: np.ndarray) -> tuple[float, np.ndarray]:
+        p = _softmax64(w[0] * lt + w[1] * li)
+        picked = np.arange(len(target)), target
+        loss = -np.log(np.clip(p[picked], 1e-300, None)).mean()
+        # d loss / d w_e = mean over rows of (E_p[log p_e] - log p_e[y])
+        grad = [((p * s).sum(1) - s[picked]).mean() for s in (lt, li)]
+        return float(loss), np.array(grad)
+
+    best = minimize(nll, np.array([1.0, 1.0]), jac=True, method="L-BFGS-B", bounds=[(0.0, 10.0)] * 2)
+    rule.text_weight, rule.image_weight = (round(float(v), 6) for v in best.x)
+    return rule
+
+
+@dataclass
+class StackerRule:
+    """Multinomial logistic regression on [log p_text, log p_image, has_text, has_image] (balanced classes).
+
+    Learns per-class trust in each expert, but can only predict classes its training rows held;
+    `choose_fusion` offers it only when the labelled rows cover every class the experts know.
+    Single-modality rows see zeros for the other expert's block, so they use that one alone.
+    """
+
+    classes: list[str]
+    coef: list[list[float]]  # (classes, 2 * classes + 2)
+    intercept: list[float]
+    fallback: str
+    kind: ClassVar[str] = "stacker"
+
+    def __post_init__(self) -> None:
+        _check_rule(self.classes, self.fallback)
+        if np.shape(self.coef) != (len(self.classes), 2 * len(self.classes) + 2) or len(self.intercept) != len(self.classes):
+            raise MuseumError(f"stacker weights of shape {np.shape(self.coef)} do not fit {len(self.classes)} classes; "
+                              "re-run museum tune")
+
+    def combine(self, text_p, image_p, has_text, has_image) -> CascadeResult:
+        has_text, has_image = np.asarray(has_text, bool), np.asarray(has_image, bool)
+        scores = stacker_features(text_p, image_p, has_text, has_image) @ np.asarray(self.coef).T + np.asarray(self.intercept)
+        fused = _softmax64(scores)  # single-modality rows too: the stacker re-weighs them (class priors, trust)
+        return _result(self, _availability_routes(has_text, has_image), {TEXT: fused, IMAGE: fused, BLEND: fused})
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "coef": self.coef, "intercept": self.intercept}
+
+
+def stacker_features(text_p, image_p, has_text, has_image) -> np.ndarray:
+    has_text, has_image = np.asarray(has_text, bool), np.asarray(has_image, bool)
+    return np.hstack([_log_proba(text_p, has_text, None), _log_proba(image_p, has_image, None),
+                      has_text[:, None].astype(float), has_image[:, None].astype(float)])
+
+
+STACKER_C = 0.1  # L2 strength: ~16 features per class on a few hundred rows
+
+
+def fit_stacker(text_p, image_p, has_text, has_image, y, classes, fallback, seed: int = 0) -> StackerRule:
+    """Fit the stacker on rows with at least one modality and a label a model knows; classes absent
+    from those rows get a score no row can reach."""
+    from sklearn.linear_model import LogisticRegression
+
+    k = len(classes)
+    y = np.asarray(y)
+    rows = (np.asarray(has_text, bool) | np.asarray(has_image, bool)) & (y < k)
+    X = stacker_features(text_p, image_p, has_text, has_image)[rows]
+    coef, intercept = np.zeros((k, 2 * k + 2)), np.full(k, -1e4)
+    seen = np.unique(y[rows])
+    if len(seen) == 1:
+        intercept[seen[0]] = 0.0
+    elif len(seen) > 1:
+        model = LogisticRegression(C=STACKER_C, class_weight="balanced", max_iter=2000, random_state=seed).fit(X, y[rows])
+        w, b = model.coef_, model.intercept_
+        if len(seen) == 2:  # sklearn's binary form: one row for the second class
+            w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+        coef[model.classes_], intercept[model.classes_] = w, b
+    return StackerRule(list(classes), coef.round(8).tolist(), intercept.round(8).tolist(), fallback)
+
+
+FusionRule = Cascade | WeightedRule | StackerRule
+
+
+def rule_to_dict(rule: FusionRule) -> dict:
+    if isinstance(rule, Cascade):
+        return {"kind": "cascade", "text_threshold": rule.text_threshold, "image_threshold": rule.image_threshold,
+                "blend_weight": rule.blend_weight}
+    return rule.to_dict()
+
+
+def rule_from_dict(data: dict, classes: list[str], fallback: str) -> FusionRule:
+    kind = data.get("kind")
+    if kind == "cascade":
+        return Cascade(list(classes), data["text_threshold"], data["image_threshold"], data["blend_weight"], fallback)
+    if kind == "weighted":
+        return WeightedRule(list(classes), float(data["text_weight"]), float(data["image_weight"]), fallback,
+                            data.get("text_known"), data.get("image_known"))
+    if kind == "stacker":
+        return StackerRule(list(classes), data["coef"], data["intercept"], fallback)
+    raise MuseumError(f"unknown fusion rule {kind!r}; re-run museum tune")
+
+
+# ----------------------------------------------------------------------------- choosing a rule
+
+CANDIDATES = ("default", "cascade", "weighted", "stacker")
+INNER_REPEATS = 3  # the inner cross-validation is repeated over seeds seed, seed+1, ... and averaged
+
+
+def grouped_folds(y: np.ndarray, n_folds: int, seed: int, groups: Sequence | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded stratified folds; with `groups`, rows of one group always share a fold (StratifiedGroupKFold)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if groups is None:
+        return _folds(np.asarray(y), n_folds, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # classes rarer than n_folds: fine, scores are pooled
+        splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), np.asarray(y), np.asarray(groups)))
+
+
+@dataclass
+class FusionChoice:
+    """The chosen rule (fitted on every row) and the inner cross-validation that chose it."""
+
+    rule: FusionRule
+    name: str  # one of CANDIDATES
+    estimates: dict  # candidate -> {"all": macro-F1, "both": macro-F1}, pooled out-of-fold, mean over repeats
+    default_f1: float
+    chosen_f1: float
+    reason: str
+    skipped: dict = field(default_factory=dict)  # candidate -> why it was not tried
+    rows: int = 0
+    both_rows: int = 0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "estimates": self.estimates,
+                "default_f1": self.default_f1, "chosen_f1": self.chosen_f1, "reason": self.reason,
+                "skipped": self.skipped, "rows": self.rows, "both_rows": self.both_rows}
+
+
+def choose_fusion(
+    text_p: np.ndarray,
+    image_p: np.ndarray,
+    has_text: np.ndarray,
+    has_image: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[str],
+    fallback: str,
+    config: FusionConfig,
+    text_known: Sequence[bool] | None = None,
+    image_known: Sequence[bool] | None = None,
+    groups: Sequence | None = None,
+) -> FusionChoice:
+    """Pick the fusion rule for out-of-fold probabilities: the default cascade (config's thresholds),
+    a tuned cascade, `WeightedRule` or `StackerRule`.
+
+    Each candidate is fitted on the other folds and scored on the held one (`config.tune_folds`
+    folds, grouped by `groups` when given, repeated `INNER_REPEATS` times); the pooled macro-F1 on
+    all rows decides. A candidate replaces the default only if it gains at least
+    `config.tune_min_gain`; the winner is then refitted on every row. `y` indexes `classes`,
+    values beyond them are labels no model knows (always errors).
+    """
+    classes = list(classes)
+    y = np.asarray(y, dtype=np.int64)
+    has_text, has_image = np.asarray(has_text, bool), np.asarray(has_image, bool)
+    n, k = len(y), max(len(classes), int(y.max()) + 1 if len(y) else 0)
+    both = has_text & has_image
+    default = Cascade(classes, config.text_threshold, config.image_threshold, config.blend_weight, fallback)
+    default_pred = default.combine(text_p, image_p, has_text, has_image).pred
+    scores = lambda pred: {"all": fast_macro_f1(y, pred, k),  # noqa: E731
+                           "both": fast_macro_f1(y[both], pred[both], k) if both.any() else float("nan")}
+    estimates = {"default": scores(default_pred)}
+    skipped: dict[str, str] = {}
+    if not both.any():
+        skipped.update(weighted="no row has both modalities", stacker="no row has both modalities")
+    elif not set(range(len(classes))) <= set(y.tolist()):
+        skipped["stacker"] = (f"the labelled rows hold {len(set(y.tolist()) & set(range(len(classes))))} of the "
+                              f"{len(classes)} classes the experts know, and a stacker can only predict classes it saw")
+    if n < 10 * config.tune_folds:
+        reason = f"only {n} labelled rows (< {10 * config.tune_folds}): too few to trust a fitted rule; kept the default cascade"
+        return FusionChoice(default, "default", estimates, estimates["default"]["all"], estimates["default"]["all"],
+                            reason, skipped, n, int(both.sum()))
+
+    grid = grid_predictions(text_p, image_p, has_text, has_image, classes.index(fallback),
+                            sorted(set(THRESHOLD_GRID) | {config.text_threshold, config.image_threshold}),
+                            sorted(set(WEIGHT_GRID) | {config.blend_weight}))
+    default_setting = (config.text_threshold, config.image_threshold, config.blend_weight)
+
+    def fit(name: str, rows: np.ndarray) -> FusionRule:
+        if name == "cascade":
+            tt, it, w = grid.settings[_best(grid, y, rows, k, default_setting)[0]]
+            return Cascade(classes, tt, it, w, fallback)
+        args = (text_p[rows], image_p[rows], has_text[rows], has_image[rows], y[rows], classes, fallback)
+        if name == "weighted":
+            return fit_weighted(*args, text_known, image_known)
+        return fit_stacker(*args, seed=config.seed)
+
+    tried = [c for c in CANDIDATES[1:] if c not in skipped]
+    for name in tried:
+        runs = []
+        for repeat in range(INNER_REPEATS):
+            pred = np.empty(n, dtype=np.int64)
+            for fit_rows, held in grouped_folds(y, config.tune_folds, config.seed + repeat, groups):
+                rule = fit(name, fit_rows)
+                pred[held] = rule.combine(text_p[held], image_p[held], has_text[held], has_image[held]).pred
+            runs.append(scores(pred))
+        estimates[name] = {key: float(np.mean([r[key] for r in runs])) for key in ("all", "both")}
+    base = estimates["default"]["all"]
+    best = max(tried, key=lambda c: estimates[c]["all"], default=None)  # ties: the simpler (earlier) rule
+    if best is not None and estimates[best]["all"] - base >= config.tune_min_gain:
+        gain = estimates[best]["all"] - base
+        reason = f"{best} gains {gain:+.4f} macro-F1 out of fold over the default (>= {config.tune_min_gain}); adopted"
+        return FusionChoice(fit(best, np.arange(n)), best, estimates, base, estimates[best]["all"], reason, skipped,
+                            n, int(both.sum()))
+    reason = ("no candidate was tried" if best is None else
+              f"the best candidate, {best}, changes macro-F1 out of fold by {estimates[best]['all'] - base:+.4f} "
+              f"(a gain of {config.tune_min_gain} is needed); kept the default cascade")
+    return FusionChoice(default, "default", estimates, base, base, reason, skipped, n, int(both.sum()))
+
+
+def format_choice(choice: FusionChoice) -> str:
+    """The candidates' inner cross-validated macro-F1 and the decision, as `tune --cross-fit` prints it."""
+    lines = [f"fusion rule    macro-F1 all rows (n={choice.rows})  rows with both (n={choice.both_rows})   [inner CV]"]
+    for name, est in choice.estimates.items():
+        mark = "  <- chosen" if name == choice.name else ""
+        lines.append(f"{name:<14} {est['all']:>26.4f}  {est['both']:>22.4f}{mark}")
+    for name, why in choice.skipped.items():
+        lines.append(f"{name:<14} skipped: {why}")
+    lines.append(f"chosen: {choice.name}, {describe_rule(choice.rule)} ({choice.reason})")
+    return "\n".join(lines)
+
+
+def describe_rule(rule: FusionRule) -> str:
+    """One line for logs: the rule's settings."""
+    if isinstance(rule, Cascade):
+        return f"text > {rule.text_threshold}, image > {rule.image_threshold}, blend weight {rule.blend_weight}"
+    if isinstance(rule, WeightedRule):
+        return f"rows with both: softmax({rule.text_weight:.3f} log p_text + {rule.image_weight:.3f} log p_image)"
+    return "logistic regression on both experts' log-probabilities and availability"
+
+
 # ----------------------------------------------------------------------------- settings file
 
 
@@ -336,6 +673,36 @@ def load_settings(path: Path) -> tuple[FusionConfig, dict]:
     except TypeError as exc:
         raise MuseumError(f"{path}: bad settings ({exc}); delete it or re-run museum tune") from None
     return config, data
+
+
+def save_fusion(path: Path, choice: FusionChoice, config: FusionConfig, **provenance) -> None:
+    """`fusion.json` for a chosen rule: `rule` (what `rule_from_settings` rebuilds), `classes` (its column
+    order), `fusion` (the inner cross-validation) and `config`, whose thresholds are the chosen cascade's
+    (else `config`'s), so that a reader that knows only `config` still routes with a cascade."""
+    rule = choice.rule
+    if isinstance(rule, Cascade):
+        config = replace(config, text_threshold=rule.text_threshold, image_threshold=rule.image_threshold,
+                         blend_weight=rule.blend_weight)
+    save_settings(path, config, **{"classes": list(rule.classes), **provenance, "rule": rule_to_dict(rule),
+                                   "fusion": choice.to_dict()})
+
+
+def rule_from_settings(settings: dict | None, classes: Sequence[str], config: FusionConfig) -> FusionRule:
+    """The rule a loaded `fusion.json` names, over `classes` (the experts' union) with `config.fallback`.
+
+    No file, a file without a rule (older ones, plain `museum tune`) or a cascade rule: the cascade of
+    `config`, so explicit threshold options still apply. A learned rule needs the same class list."""
+    rule = (settings or {}).get("rule")
+    if not isinstance(rule, dict) or rule.get("kind") == "cascade":
+        return Cascade.from_config(list(classes), config)
+    saved = settings.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        raise MuseumError(f"the saved {rule.get('kind')} fusion was fitted for classes {list(saved)}, the models now "
+                          f"know {list(classes)}; re-run museum tune --cross-fit")
+    try:
+        return rule_from_dict(rule, list(classes), config.fallback or "")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MuseumError(f"bad fusion rule in the settings ({type(exc).__name__}: {exc}); re-run museum tune") from None
 
 
 def merge_config(base: FusionConfig, overrides: dict) -> FusionConfig:

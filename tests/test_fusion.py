@@ -13,7 +13,14 @@ from museum.fusion import (
     IMAGE,
     TEXT,
     Cascade,
+    StackerRule,
+    WeightedRule,
     align,
+    choose_fusion,
+    fit_stacker,
+    fit_weighted,
+    rule_from_settings,
+    save_fusion,
     fast_macro_f1,
     grid_predictions,
     load_settings,
@@ -180,3 +187,99 @@ def test_settings_round_trip(tmp_path):
     path.write_text("{broken", encoding="utf-8")
     with pytest.raises(MuseumError, match="not valid JSON"):
         load_settings(path)
+
+
+# ----------------------------------------------------------------------------- learned rules
+
+
+def test_weighted_rule_routes_and_arithmetic():
+    text = np.array([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], NAN, NAN])
+    image = np.array([[0.1, 0.8, 0.1], NAN, [0.2, 0.2, 0.6], NAN])
+    has_text, has_image = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)
+    out = WeightedRule(CLASSES, 1.0, 2.0, "a").combine(text, image, has_text, has_image)
+    assert out.rule == "weighted" and out.routes.tolist() == [BLEND, TEXT, IMAGE, FALLBACK]
+    expected = np.exp(np.log([0.6, 0.3, 0.1]) + 2 * np.log([0.1, 0.8, 0.1]))
+    np.testing.assert_allclose(out.proba[0], expected / expected.sum())
+    np.testing.assert_allclose(out.proba[1], text[1])  # one modality: that expert alone
+    np.testing.assert_allclose(out.proba[2], image[2])
+    np.testing.assert_allclose(out.proba[3], [1, 0, 0])
+    assert out.labels(CLASSES) == ["b", "a", "c", "a"]
+    # A class the image expert does not know (aligned 0) is not vetoed by it.
+    blind = WeightedRule(CLASSES, 1.0, 1.0, "a", image_known=[True, True, False])
+    out = blind.combine(np.array([[0.1, 0.1, 0.8]]), np.array([[0.5, 0.5, 0.0]]), np.ones(1, bool), np.ones(1, bool))
+    assert out.labels(CLASSES) == ["c"]
+
+
+def test_fit_weighted_trusts_the_informative_expert():
+    rng = np.random.default_rng(3)
+    y, _, image, ht, hi = _synthetic(400, 2, 1.0, 0.8)
+    text = rng.dirichlet(np.ones(3) * 0.3, 400)  # noise
+    rule = fit_weighted(text, image, ht, hi, y, CLASSES, "a")
+    assert rule.image_weight > 0.5 and rule.text_weight < 0.1 * rule.image_weight
+
+
+def test_stacker_fits_routes_and_never_predicts_unseen_classes():
+    y, text, image, ht, hi = _synthetic(300, 4, 1.0, 1.0)
+    ht[:40], hi[40:80] = False, False
+    text[:40], image[40:80] = np.nan, np.nan
+    rule = fit_stacker(text, image, ht, hi, y, CLASSES, "a")
+    out = rule.combine(text, image, ht, hi)
+    assert out.rule == "stacker" and out.routes[:40].tolist() == [IMAGE] * 40 and out.routes[40:80].tolist() == [TEXT] * 40
+    assert fast_macro_f1(y, out.pred, 3) > 0.8
+    only_ab = fit_stacker(text, image, ht, hi, np.minimum(y, 1), CLASSES, "a")  # class c never seen
+    assert (only_ab.combine(text, image, ht, hi).pred < 2).all()
+    with pytest.raises(MuseumError, match="do not fit 3 classes"):
+        StackerRule(CLASSES, [[0.0] * 7] * 3, [0.0] * 3, "a")
+
+
+def test_choose_fusion_beats_a_bad_default_only_with_evidence(monkeypatch):
+    import museum.fusion
+
+    monkeypatch.setattr(museum.fusion, "INNER_REPEATS", 1)  # one inner CV is enough evidence here, and 3× faster
+    rng = np.random.default_rng(3)
+    y, _, image, ht, hi = _synthetic(600, 2, 1.0, 0.8)
+    text = rng.dirichlet(np.ones(3) * 0.3, 600)  # confident noise: the text-first default suffers
+    choice = choose_fusion(text, image, ht, hi, y, CLASSES, "a", FusionConfig())
+    assert set(choice.estimates) == {"default", "cascade", "weighted", "stacker"}
+    assert choice.name != "default" and choice.chosen_f1 - choice.default_f1 >= 0.005
+    assert choice.rule.combine(text, image, ht, hi).rule == choice.rule.kind
+    again = choose_fusion(text, image, ht, hi, y, CLASSES, "a", FusionConfig())
+    assert again.estimates == choice.estimates  # seeded
+    strict = choose_fusion(text, image, ht, hi, y, CLASSES, "a", FusionConfig(tune_min_gain=1.0))
+    assert strict.name == "default" and isinstance(strict.rule, Cascade) and "kept the default" in strict.reason
+    tiny = choose_fusion(text[:30], image[:30], ht[:30], hi[:30], y[:30], CLASSES, "a", FusionConfig())
+    assert tiny.name == "default" and "too few" in tiny.reason
+    # Labels cover 2 of 3 classes: the stacker is not offered, the others are.
+    partial = choose_fusion(text, image, ht, hi, np.minimum(y, 1), CLASSES, "a", FusionConfig())
+    assert "stacker" in partial.skipped and "stacker" not in partial.estimates
+
+
+@pytest.mark.parametrize("rule", [
+    Cascade(CLASSES, 0.9, 0.2, 0.3, "b"),
+    WeightedRule(CLASSES, 0.4, 1.3, "b", image_known=[True, False, True]),
+    StackerRule(CLASSES, np.arange(24.0).reshape(3, 8).tolist(), [0.1, 0.2, 0.3], "b"),
+])
+def test_fusion_settings_round_trip(tmp_path, rule):
+    from museum.fusion import FusionChoice
+
+    path = tmp_path / "fusion.json"
+    choice = FusionChoice(rule, rule.kind, {"default": {"all": 0.5, "both": 0.4}}, 0.5, 0.6, "test", rows=60)
+    save_fusion(path, choice, FusionConfig(fallback="b"), text_model="t")
+    config, data = load_settings(path)
+    assert data["fusion"]["name"] == rule.kind and data["text_model"] == "t"
+    again = rule_from_settings(data, CLASSES, config)
+    assert type(again) is type(rule) and again == rule
+    if isinstance(rule, Cascade):  # an older reader routes with the same thresholds from `config`
+        assert (config.text_threshold, config.image_threshold, config.blend_weight) == (0.9, 0.2, 0.3)
+    else:
+        with pytest.raises(MuseumError, match="re-run museum tune --cross-fit"):
+            rule_from_settings(data, CLASSES + ["d"], config)
+
+
+def test_old_settings_files_give_the_cascade(tmp_path):
+    path = tmp_path / "fusion.json"
+    save_settings(path, FusionConfig(text_threshold=0.8, fallback="b"), classes=CLASSES)  # what `museum tune` wrote
+    config, data = load_settings(path)
+    rule = rule_from_settings(data, CLASSES, config)
+    assert isinstance(rule, Cascade) and rule.text_threshold == 0.8 and rule.fallback == "b"
+    assert isinstance(rule_from_settings(None, CLASSES, FusionConfig(fallback="a")), Cascade)
