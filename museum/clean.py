@@ -137,12 +137,15 @@ def _text_oof(texts: list[str], y: np.ndarray, classes: list[str], splits, seed:
 
 
 def _image_oof(paths: list[Path | None], y: np.ndarray, classes: list[str], splits, seed: int,
-               cache_file: Path | None, embeddings: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+               cache_file: Path | None, embeddings: Path | None = None,
+               source: Path | str = "the audit") -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, mask) from `train-image --head logreg` on cached stage embeddings; unreadable images are unscored."""
     from museum.dedup import image_embeddings
     from museum.image.heads import fit_head
 
     feats, ok = image_embeddings(paths, cache_file, features="stages", given=embeddings)
+    # Folds are cut over every row: the readable images alone must still hold two classes to learn from.
+    check_classes([classes[j] for j in y[ok]], f"{source}: the readable images", "an image audit")
     proba = np.zeros((len(paths), len(classes)), dtype=np.float32)
     for k, (train_idx, test_idx) in enumerate(splits):
         train_idx, test_idx = train_idx[ok[train_idx]], test_idx[ok[test_idx]]
@@ -164,7 +167,7 @@ def out_of_fold(items: AuditItems, folds: int = 5, seed: int = 0, expert: str = 
     if items.texts is not None and any(t.strip() for t in items.texts):
         parts["text"] = _text_oof(items.texts, y, classes, splits, seed, expert)
     if items.paths is not None:
-        parts["image"] = _image_oof(items.paths, y, classes, splits, seed, cache_file, embeddings)
+        parts["image"] = _image_oof(items.paths, y, classes, splits, seed, cache_file, embeddings, items.source)
     if not parts:
         raise MuseumError(f"{items.source}: every description is empty and no --images were given; nothing to learn from")
     # Average the experts that saw each row: a row with text only keeps the text probabilities.

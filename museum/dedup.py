@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from museum.data.competition import guid_image_paths, normalise_description, read_competition_csv, stratified_split
+from museum.data.files import file_problem, open_regular, skipped_text
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.utils import atomic_path, output_folder, write_json
@@ -70,20 +71,29 @@ def load_dedup_items(path: str | Path, images: str | Path | None = None) -> Dedu
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a folder of images or a competition CSV")
     if path.is_dir():
-        if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        # Class sub-folders; a folder named like an image (x.jpg) is a bad image in a flat folder, not a class.
+        if any(p.is_dir() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
+               for p in path.iterdir()):
             found = list_image_folder(path)
             paths, labels = list(found.paths), list(found.labels)
         else:
-            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-            labels = None
+            named = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            # Only regular files: a FIFO named x.jpg would block the hashing forever.
+            problems = {p: file_problem(p) for p in named}
+            skipped = Counter(problem for problem in problems.values() if problem is not None)
+            paths, labels = [p for p, problem in problems.items() if problem is None], None
+            if skipped:
+                logger.warning(f"{path}: skipped {sum(skipped.values())} image name(s) that are not files to read: "
+                               f"{skipped_text(skipped)}")
             if not paths:
-                raise MuseumError(f"{path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
+                found = f" ({skipped_text(skipped)} skipped)" if skipped else ""
+                raise MuseumError(f"{path}: no images found{found} (suffixes {', '.join(IMAGE_SUFFIXES)})")
         return DedupItems(path, [p.relative_to(path).as_posix() for p in paths], paths, labels)
     from museum.reports.eda import read_labels
 
     table = read_competition_csv(path)
     # Labels are optional here (a test file has none): only conflicts need them.
-    items = DedupItems(path, table.guids, None, read_labels(path, len(table)), table.descriptions, table.lines)
+    items = DedupItems(path, table.guids, None, read_labels(path, len(table), table.lines), table.descriptions, table.lines)
     if images is not None:
         items.paths = guid_image_paths(path, table.guids, images, "check --images, or drop it to compare descriptions only")
     return items
@@ -98,7 +108,7 @@ def file_hash(path: Path | None) -> str | None:
         return None
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except OSError:

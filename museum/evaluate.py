@@ -22,7 +22,7 @@ from museum.fusion import ROUTES, CascadeResult, TuneResult, format_tune, save_s
 from museum.log import logger
 from museum.metrics import classification_metrics, format_report
 from museum.submit import RunSetup, prepare
-from museum.utils import write_json
+from museum.utils import check_classes, write_json
 
 
 @dataclass
@@ -198,6 +198,9 @@ def tune(
     The baseline is FusionConfig's defaults (or the thresholds given as options), never an
     earlier `fusion.json`, so re-tuning does not drift.
     """
+    # Macro-F1 over one class has nothing to trade off: refuse before any model is loaded.
+    labels = [label for chunk in iter_competition_chunks(valid_csv, require_labels=True) for label in chunk.labels or []]
+    check_classes(labels, f"{valid_csv}: the labels", "macro-F1 tuning")
     run = score_labelled(valid_csv, images, text_model, image_model, overrides or {}, use_saved_settings=False)
     classes = run.setup.cascade.classes
     label_space = classes + sorted(set(run.labels) - set(classes))

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from museum.data.files import file_problem, skipped_text
 from museum.errors import MuseumError
 from museum.log import logger
 
@@ -23,6 +24,12 @@ REQUIRED_COLUMNS = ("guid", "description")
 LABEL_COLUMN = "typology"
 # A guid becomes part of an image path: allow only plain file-name characters.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# Labels that say "no label" (compared lower-cased, stripped): what spreadsheets and pandas write
+# for an empty cell (pandas' default NA strings), and the placeholders people type.
+MISSING_LABELS = frozenset({
+    "nan", "-nan", "na", "n/a", "n.a.", "#n/a", "#n/a n/a", "#na", "<na>", "nat", "none", "null", "nil", "missing",
+    "-", "--", "—", "–", "?", "??", "-1.#ind", "-1.#qnan", "1.#ind", "1.#qnan",
+})
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
@@ -56,6 +63,11 @@ class CompetitionTable:
         return np.array([bool(d.strip()) for d in self.descriptions], dtype=bool)
 
 
+def looks_missing(label: str) -> bool:
+    """True for a label that only says "no label": `nan`, `N/A`, `None`, `null`, `-`, `?`… (any case, spaces ignored)."""
+    return label.strip().lower() in MISSING_LABELS
+
+
 def is_safe_id(guid: str) -> bool:
     """True when `guid` can be used as a file name (no separators, no `..`, no hidden files)."""
     return bool(_SAFE_ID.match(guid)) and ".." not in guid
@@ -65,13 +77,23 @@ def guid_image_paths(csv_path: str | Path, guids: list[str], images: str | Path,
                      hint: str = "check --images") -> list[Path | None]:
     """`images/{guid}.jpg` per row where the guid is a safe file name and the file exists, else None.
 
+    Rows without one are counted by reason (unsafe guid, missing, not a regular file (FIFO)…) in a warning.
     One-line errors when `images` is not a folder or holds none of the rows' images (`hint` says what to do)."""
     root = Path(images)
     if not root.is_dir():
         raise MuseumError(f"--images {root}: not a folder; expected {root}/{{guid}}.jpg for the rows of {csv_path}")
-    paths = [root / f"{g}.jpg" if is_safe_id(g) and (root / f"{g}.jpg").is_file() else None for g in guids]
+    paths: list[Path | None] = []
+    skipped: Counter[str] = Counter()
+    for g in guids:
+        problem = file_problem(root / f"{g}.jpg") if is_safe_id(g) else "unsafe guid"
+        paths.append(root / f"{g}.jpg" if problem is None else None)
+        if problem is not None:
+            skipped[problem] += 1
     if not any(paths):
-        raise MuseumError(f"{csv_path}: none of its {len(guids)} rows has an image {root}/{{guid}}.jpg; {hint}")
+        raise MuseumError(f"{csv_path}: none of its {len(guids)} rows has an image {root}/{{guid}}.jpg "
+                          f"({skipped_text(skipped)}); {hint}")
+    if skipped:
+        logger.warning(f"{csv_path}: {sum(skipped.values())} row(s) without an image to read: {skipped_text(skipped)}")
     return paths
 
 
@@ -129,7 +151,8 @@ def iter_competition_chunks(
     seen: dict[str, int] = {}
     chunk = CompetitionTable(path, [], [], [] if require_labels else None, [])
     any_label_column = None
-    for line, row in _open_rows(path):
+    rows = _open_rows(path)
+    for line, row in rows:
         if any_label_column is None:
             any_label_column = LABEL_COLUMN in row
             if require_labels and not any_label_column:
@@ -152,6 +175,8 @@ def iter_competition_chunks(
                 raise MuseumError(
                     f"{path} line {line}, field {LABEL_COLUMN}: empty label; this command needs every row labelled: fill it in or drop the row"
                 )
+            if looks_missing(label):
+                _refuse_missing_labels(path, line, label, rows)
             chunk.labels.append(label)  # type: ignore[union-attr]
         if len(chunk) >= chunk_size:
             yield chunk
@@ -160,6 +185,20 @@ def iter_competition_chunks(
         raise MuseumError(f"{path}: header only, no rows; add data rows")
     if len(chunk):
         yield chunk
+
+
+def _refuse_missing_labels(path: Path, line: int, label: str, rest: Iterator[tuple[int, dict[str, str]]]) -> None:
+    """Raise for a label that says "no label", counting such labels in the rows not read yet (one error, all counted)."""
+    more = 0
+    try:
+        for _, row in rest:
+            more += looks_missing(row.get(LABEL_COLUMN) or "")
+    except MuseumError:  # a broken row further on is reported once these labels are fixed
+        pass
+    raise MuseumError(
+        f"{path} line {line}, field {LABEL_COLUMN}: {label!r} is not a label but a missing value "
+        f"({1 + more} such row(s), the first here); this command needs every row labelled: fill them in or drop those rows"
+    )
 
 
 def read_competition_csv(path: str | Path, require_labels: bool = False) -> CompetitionTable:

@@ -2,8 +2,9 @@
 
 Two layouts: folder-per-class (`DIR/<class>/*.jpg`) and the competition's
 (`train.csv` + `DIR/{guid}.jpg`). Every file goes through `safe_open_image`, which refuses
-missing, empty, truncated, non-image and oversized files with an `ImageDecodeError`
-instead of crashing; the dataset readers skip such files and count them by reason.
+missing, empty, truncated, non-image and oversized files, and anything that is not a regular file
+(a FIFO would block forever: `museum.data.files`), with an `ImageDecodeError` instead of crashing
+or hanging; the dataset readers skip such files and count them by reason.
 
 `decode_cache` turns a list of paths into one uint8 tensor (N, 3, S, S), decoded and
 resized once (in DataLoader workers) so that every later epoch only does tensor work.
@@ -25,6 +26,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from museum.data.competition import is_safe_id, read_competition_csv
+from museum.data.files import FileProblem, file_problem, open_regular, skipped_text
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.utils import atomic_path
@@ -107,20 +109,16 @@ def decode_bytes(data: bytes, path=None, draft: int | None = None, max_pixels: i
 
 
 def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes, or `ImageDecodeError` for a missing, special or oversized file."""
+    """The file's bytes, or `ImageDecodeError` for a missing, special (FIFO, folder…) or oversized file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-    except (FileNotFoundError, NotADirectoryError):
-        raise ImageDecodeError(path, "missing") from None
-    except OSError as exc:
-        raise ImageDecodeError(path, "unreadable", exc.strerror or "") from None
-    if not path.is_file():
-        raise ImageDecodeError(path, "not a file")
-    if size > MAX_FILE_BYTES:
-        raise ImageDecodeError(path, "absurd size", f"{size} bytes")
-    try:
-        return path.read_bytes()
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise ImageDecodeError(path, "absurd size", f"{size} bytes")
+            return f.read()
+    except FileProblem as exc:
+        raise ImageDecodeError(path, exc.reason) from None
     except OSError as exc:
         raise ImageDecodeError(path, "unreadable", exc.strerror or "") from None
 
@@ -155,27 +153,48 @@ class ImageItems:
 def list_image_folder(root: str | Path, option: str = "--images") -> ImageItems:
     """`root/<class>/*.{jpg,jpeg,png,bmp,webp}` as items; classes are the sub-folder names.
 
-    `option` is how the user gave `root` (an option name, or "" for a positional argument), for messages."""
+    Image-named entries that are not regular files (FIFOs, folders, links to them) are skipped and
+    counted, and class folders left without any image are named: both in one warning each, here,
+    since every caller would otherwise have to repeat it. `option` is how the user gave `root`
+    (an option name, or "" for a positional argument), for messages."""
     root = Path(root)
     name = f"{option} {root}" if option else str(root)
     if not root.is_dir():
         raise MuseumError(f"{name}: not a folder; expected DIR/<class>/*.jpg (or --train CSV with DIR/<guid>.jpg)")
-    paths, labels = [], []
+    items, empty = ImageItems([], []), []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = 0
         for f in sorted(class_dir.iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
-                paths.append(f)
-                labels.append(class_dir.name)
-    if not paths:
+            if f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):
+                continue
+            problem = file_problem(f)
+            if problem is None:
+                items.paths.append(f)
+                items.labels.append(class_dir.name)
+                found += 1
+            else:
+                items.skipped[problem] += 1
+                logger.debug(f"{f}: {problem}; skipped")
+        if not found:
+            empty.append(class_dir.name)
+    if items.skipped:
+        logger.warning(f"{name}: skipped {sum(items.skipped.values())} image name(s) that are not files to read: "
+                       f"{skipped_text(items.skipped)}")
+    if not items.paths:
+        skipped = f" ({skipped_text(items.skipped)} skipped)" if items.skipped else ""
         raise MuseumError(
-            f"{name}: no images found in class sub-folders; expected DIR/<class>/*.jpg "
+            f"{name}: no images found in class sub-folders{skipped}; expected DIR/<class>/*.jpg "
             f"(suffixes {', '.join(IMAGE_SUFFIXES)})"
         )
-    return ImageItems(paths, labels)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        logger.warning(f"{name}: {len(empty)} class folder(s) hold no image file, so these classes are left out: {shown}")
+    return items
 
 
 def list_competition_images(train_csv: str | Path, images: str | Path) -> ImageItems:
-    """Rows of `train_csv` whose image `images/{guid}.jpg` exists; unsafe guids and missing files are counted."""
+    """Rows of `train_csv` whose image `images/{guid}.jpg` is a regular file; the rest are counted in `skipped`
+    by reason (unsafe guid, missing, not a regular file (FIFO)…), which the caller reports."""
     images = Path(images)
     if not images.is_dir():
         raise MuseumError(f"--images {images}: not a folder; expected DIR/{{guid}}.jpg for the rows of {train_csv}")
@@ -187,13 +206,15 @@ def list_competition_images(train_csv: str | Path, images: str | Path) -> ImageI
             items.skipped["unsafe guid"] += 1
             continue
         path = images / f"{guid}.jpg"
-        if not path.is_file():
-            items.skipped["missing"] += 1
+        problem = file_problem(path)
+        if problem is not None:
+            items.skipped[problem] += 1
             continue
         items.paths.append(path)
         items.labels.append(label)
     if not items.paths:
-        raise MuseumError(f"{train_csv}: none of its {len(table)} rows has an image {images}/{{guid}}.jpg; check --images")
+        raise MuseumError(f"{train_csv}: none of its {len(table)} rows has an image {images}/{{guid}}.jpg "
+                          f"({skipped_text(items.skipped)}); check --images")
     return items
 
 
@@ -206,7 +227,7 @@ def probe_median_side(paths: list[Path], n: int = 200, seed: int = 0) -> int:
         try:
             with warnings.catch_warnings():  # a huge header is refused, with its name, by the decoder
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(paths[int(i)]) as img:
+                with open_regular(paths[int(i)]) as f, Image.open(f) as img:  # never a FIFO: it would block
                     sides.append(min(img.size))
         except Exception:  # bad files are reported later, by the decoder
             continue

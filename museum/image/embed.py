@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -193,6 +194,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
 def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: int = 0,
                        cache_dir: str | None = None, net: "nn.Module | None" = None) -> Embeddings:
     """Decode once, embed in batches; unreadable images are skipped (and counted in the log)."""
+    from museum.data.files import skipped_text
     from museum.data.images import decode_cache, default_workers
 
     start = time.perf_counter()
@@ -213,11 +215,15 @@ def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: 
             parts.append(embed_tensors(net, cache[keep], spec["mean"], spec["std"], device, tta=spec["tta"]))
             kept.extend((first + keep).tolist())
         del cache
+    if not kept:  # an empty file would only fail later, far from its cause
+        where = os.path.commonpath([str(Path(p).parent) for p in paths]) if paths else "the given folder"
+        raise MuseumError(f"{where}: none of its {len(paths)} image(s) is readable"
+                          f"{f' ({skipped_text(failures)})' if failures else ''}; nothing to embed: "
+                          "replace the files or give another folder")
     if failures:
-        logger.warning(f"embed: skipped {sum(failures.values())} image(s): "
-                       + ", ".join(f"{n} {reason}" for reason, n in sorted(failures.items())))
+        logger.warning(f"embed: skipped {sum(failures.values())} image(s): {skipped_text(failures)}")
     keep = np.array(kept, dtype=np.int64)
-    features = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    features = np.concatenate(parts)
     logger.info(f"embedded {len(keep)} images ({features.shape[1]} features) in {time.perf_counter() - start:.1f}s")
     return Embeddings(features, [labels[i] for i in keep], [str(Path(paths[i]).resolve()) for i in keep],
                       {**spec, "key": data_key(paths, spec)})
@@ -250,9 +256,12 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     An up-to-date `out` is recognised by a key over the options as given and the files' stats,
     before the input size is probed or any network (or torchvision, sklearn) is loaded.
     """
+    from museum.data.files import skipped_text
     from museum.data.images import list_competition_images, list_image_folder
 
     items = list_competition_images(train_csv, images) if train_csv is not None else list_image_folder(images, option="")
+    if train_csv is not None and items.skipped:  # the folder listing warns by itself
+        logger.warning(f"{train_csv}: skipped {sum(items.skipped.values())} row(s): {skipped_text(items.skipped)}")
     check_features(features)
     request = {"backbone": backbone, "weights": weights, "input_size": input_size, "tta": tta, "seed": seed,
                "features": features}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from museum.data.competition import LABEL_COLUMN, is_safe_id, normalise_description, read_competition_csv
+from museum.data.competition import LABEL_COLUMN, is_safe_id, looks_missing, normalise_description, read_competition_csv
 from museum.errors import MuseumError
 from museum.log import logger
 from museum.reports import html, plots
@@ -39,6 +39,7 @@ class ImageScan:
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: Counter = field(default_factory=Counter)  # left out by the folder listing (FIFOs…), by reason
     missing: int = 0
     sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
     squares: np.ndarray = field(default_factory=lambda: np.zeros(3))
@@ -62,17 +63,17 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
     path = Path(path)
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
-    texts, image_paths, image_source, unsafe = None, None, path, {}
+    texts, image_paths, image_source, unsafe, skipped = None, None, path, {}, Counter()
     if path.is_dir():
         if images is not None:
             raise MuseumError(f"--images {images}: only for a CSV; {path} is already an image folder")
         from museum.data.images import list_image_folder
 
         items = list_image_folder(path, option="")
-        labels, image_paths = items.labels, [str(p) for p in items.paths]
+        labels, image_paths, skipped = items.labels, [str(p) for p in items.paths], items.skipped
     else:
         table = read_competition_csv(path)
-        texts, labels = table.descriptions, read_labels(path, len(table))
+        texts, labels = table.descriptions, read_labels(path, len(table), table.lines)
         folder = Path(images) if images is not None else path.parent / "images"
         if images is not None and not folder.is_dir():
             raise MuseumError(f"--images {folder}: not a folder; give the folder holding {{guid}}.jpg files")
@@ -94,6 +95,9 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
     stats_path = None
     if image_paths:
         scan = scan_images(image_paths, stats, unsafe)
+        scan.skipped.update(skipped)
+        if not scan.paths and not stats:  # the page says why (--stats refuses below, in one line)
+            logger.warning(f"{image_source}: none of its {len(image_paths) + sum(skipped.values())} image(s) is readable")
         sections.append(_image_section(out_dir, scan, summary))
         if stats:
             stats_path = write_channel_stats(out_dir / "channel_stats.json", scan, str(image_source))
@@ -106,10 +110,12 @@ def run_eda(path: str | Path, images: str | Path | None = None, stats: bool = Fa
 # ----------------------------------------------------------------------------- labels and text
 
 
-def read_labels(path: Path, n_rows: int) -> list[str] | None:
+def read_labels(path: Path, n_rows: int, lines: list[int] | None = None) -> list[str] | None:
     """The typology column (blank for unlabelled rows), or None when the file has no such column.
 
-    `read_competition_csv` has validated the file already; this pass only picks the column.
+    `read_competition_csv` has validated the file already; this pass only picks the column. Labels
+    that say "no label" (`nan`, `N/A`, `-`…) are blanked, with a warning counting them: labels are
+    optional here, and a class named "nan" would only mislead.
     """
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
@@ -119,6 +125,14 @@ def read_labels(path: Path, n_rows: int) -> list[str] | None:
         labels = [(row.get(LABEL_COLUMN) or "").strip() for row in reader]
     if len(labels) != n_rows:
         raise MuseumError(f"{path}: rows changed while being read; run eda again")
+    placeholders = Counter(label for label in labels if label and looks_missing(label))
+    if placeholders:
+        first = next(i for i, label in enumerate(labels) if label and looks_missing(label))
+        logger.warning(f"{path}: {sum(placeholders.values())} row(s) have a missing-value placeholder as {LABEL_COLUMN} ("
+                       + ", ".join(f"{n} {v!r}" for v, n in placeholders.most_common())
+                       + f"; the first at {f'line {lines[first]}' if lines else f'data row {first + 1}'}); "
+                       "they count as unlabelled")
+        labels = ["" if looks_missing(label) else label for label in labels]
     if not any(labels):
         return None  # an unlabelled test file with an empty typology column
     return labels
@@ -234,7 +248,7 @@ def size_outliers(widths: list[int], heights: list[int], factor: float = 4.0) ->
 
 def _image_section(out_dir: Path, scan: ImageScan, summary: dict) -> str:
     outlier = size_outliers(scan.widths, scan.heights)
-    reasons = Counter(reason for _, reason in scan.failures)
+    reasons = Counter(reason for _, reason in scan.failures) + scan.skipped
     summary["images"] = {
         "readable": len(scan.paths), "missing": scan.missing, "unreadable": dict(reasons),
         "median_width": float(np.median(scan.widths)) if scan.widths else 0.0,
@@ -245,7 +259,7 @@ def _image_section(out_dir: Path, scan: ImageScan, summary: dict) -> str:
         "unreadable_files": [{"path": p, "reason": r} for p, r in scan.failures][:MAX_LISTED],
     }
     s = summary["images"]
-    parts = [html.cards({"readable": s["readable"], "missing": s["missing"], "unreadable": len(scan.failures),
+    parts = [html.cards({"readable": s["readable"], "missing": s["missing"], "unreadable": sum(reasons.values()),
                          "size outliers": int(outlier.sum())})]
     if scan.widths:
         figure = plots.size_scatter(scan.widths, scan.heights, outlier, out_dir / "image_sizes.png")
