@@ -1,7 +1,8 @@
 """Data faults that used to hang a command or write an empty artifact (issue #17).
 
 1. Image names that are not regular files (a FIFO, a folder, a link to a FIFO, a device) are
-   skipped and counted with their reason everywhere an image path is opened; nothing hangs.
+   skipped and counted with their reason everywhere an image path is opened, and a CSV that is
+   not a regular file is refused; nothing hangs.
    Every call that could open a FIFO runs under `no_hang`, so a regression fails in seconds.
 2. Labels that only say "missing" (`nan`, `N/A`, `-`…) are refused where labels are required,
    with their count and first line, and counted in a warning where they are optional.
@@ -37,10 +38,25 @@ FOLDER = "not a regular file (folder)"
 runner = CliRunner()
 
 
+_FIFOS: list[Path] = []  # the FIFOs of the running test, for `no_hang` to wake a blocked reader
+
+
+@pytest.fixture(autouse=True)
+def _forget_fifos():
+    yield
+    _FIFOS.clear()
+
+
+def make_fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    _FIFOS.append(path)
+    return path
+
+
 def no_hang(fn, *args, timeout: float = 60, **kwargs):
     """`fn(*args)` in a daemon thread; a call still blocked after `timeout` s fails the test.
 
-    Before failing, every FIFO under the test's folders is opened for writing once, which
+    Before failing, every FIFO the test made is opened for writing once, which
     wakes a reader blocked on it, so the stuck thread ends instead of outliving the test."""
     box: dict = {}
 
@@ -64,15 +80,6 @@ def no_hang(fn, *args, timeout: float = 60, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-_FIFOS: list[Path] = []
-
-
-def make_fifo(path: Path) -> Path:
-    os.mkfifo(path)
-    _FIFOS.append(path)
-    return path
 
 
 def cli(args: list[str], timeout: float = 120):
@@ -121,8 +128,7 @@ def special_folder(tmp_path) -> Path:
     make_fifo(root / "bart" / "x.jpg")
     (root / "lisa" / "dir.jpg").mkdir()
     (root / "lisa" / "link.jpg").symlink_to(root / "bart" / "x.jpg")
-    yield root
-    _FIFOS.clear()
+    return root
 
 
 # ----------------------------------------------------------------------------- 1. special files
@@ -197,6 +203,12 @@ def test_eda_counts_special_files(special_folder, tmp_path):
     result = cli(["eda", special_folder, "--out", tmp_path / "eda"])
     assert result.exit_code == 0, result.output
     assert f"unreadable: 2 {FIFO}, 1 {FOLDER}" in result.output
+
+
+def test_csv_named_fifo_is_refused(tmp_path):
+    fifo = make_fifo(tmp_path / "train.csv")
+    result = cli(["train-text", "--train", fifo, "--out", tmp_path / "text"])
+    one_line_error(result, f"{fifo}: {FIFO}; expected a CSV file")
 
 
 # ----------------------------------------------------------------------------- 2. labels that say "missing"
@@ -293,7 +305,6 @@ def test_embed_with_a_fifo_then_of_nothing_readable(special_folder, tmp_path, im
     one_line_error(result, f"{bad}: none of its 4 image(s) is readable", "2 not an image, 2 zero-byte file",
                    "nothing to embed")
     assert not empty.exists()
-    _FIFOS.clear()
 
 
 def test_dedup_and_clean_refuse_unreadable_images(tmp_path, imagenet):
@@ -306,4 +317,3 @@ def test_dedup_and_clean_refuse_unreadable_images(tmp_path, imagenet):
         picture(bad / "a" / f"ok{i}.jpg", i)
     result = cli(["clean", "--images", bad, "--out", tmp_path / "clean", "--folds", "2"])
     one_line_error(result, "the readable images have only 'a'", "needs at least two classes")
-    _FIFOS.clear()

@@ -103,6 +103,9 @@ def _open_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         raise MuseumError(f"{path}: file not found")
     if path.is_dir():
         raise MuseumError(f"{path}: is a folder; expected a CSV file with columns guid,description,typology")
+    problem = file_problem(path)
+    if problem is not None:  # a FIFO would block the read forever, and the file is read twice
+        raise MuseumError(f"{path}: {problem}; expected a CSV file with columns guid,description,typology")
     with open(path, "rb") as fb:
         head = fb.read(4096)
     if not head.strip():
