@@ -541,6 +541,7 @@ class FusionChoice:
     skipped: dict = field(default_factory=dict)  # candidate -> why it was not tried
     rows: int = 0
     both_rows: int = 0
+    candidates: dict = field(default_factory=dict, repr=False)  # every tried rule, fitted on all rows (benchmarks)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "estimates": self.estimates,
@@ -616,16 +617,17 @@ def choose_fusion(
             runs.append(scores(pred))
         estimates[name] = {key: float(np.mean([r[key] for r in runs])) for key in ("all", "both")}
     base = estimates["default"]["all"]
+    fitted = {"default": default, **{name: fit(name, np.arange(n)) for name in tried}}
     best = max(tried, key=lambda c: estimates[c]["all"], default=None)  # ties: the simpler (earlier) rule
     if best is not None and estimates[best]["all"] - base >= config.tune_min_gain:
         gain = estimates[best]["all"] - base
         reason = f"{best} gains {gain:+.4f} macro-F1 out of fold over the default (>= {config.tune_min_gain}); adopted"
-        return FusionChoice(fit(best, np.arange(n)), best, estimates, base, estimates[best]["all"], reason, skipped,
-                            n, int(both.sum()))
+        return FusionChoice(fitted[best], best, estimates, base, estimates[best]["all"], reason, skipped,
+                            n, int(both.sum()), fitted)
     reason = ("no candidate was tried" if best is None else
               f"the best candidate, {best}, changes macro-F1 out of fold by {estimates[best]['all'] - base:+.4f} "
               f"(a gain of {config.tune_min_gain} is needed); kept the default cascade")
-    return FusionChoice(default, "default", estimates, base, base, reason, skipped, n, int(both.sum()))
+    return FusionChoice(default, "default", estimates, base, base, reason, skipped, n, int(both.sum()), fitted)
 
 
 def format_choice(choice: FusionChoice) -> str:

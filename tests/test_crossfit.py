@@ -82,7 +82,7 @@ def test_training_rows_left_out_by_guid_description_or_image_bytes():
 # ----------------------------------------------------------------------------- end to end on a small real slice
 
 TINY_TEXT = dict(epochs=1, w2v_epochs=1, w2v_dim=16, navec=False, vectors_weight=0.0, hidden=8, device="cpu")
-TINY_IMAGE = dict(epochs=1, members=1, input_size=64, weights="none", device="cpu", workers=1, tta=False, ema=0.0)
+TINY_IMAGE = dict(backbone="mobilenet_v3_small", epochs=1, members=1, input_size=64, weights="none", device="cpu", workers=1, tta=False, ema=0.0)
 
 
 def _write(path, table, rows):
