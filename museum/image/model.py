@@ -20,7 +20,8 @@ from museum.config import ImageConfig, config_from_dict, config_to_dict
 from museum.data.images import decode_loader, image_to_tensor, to_rgb
 from museum.errors import MuseumError, load_failure
 from museum.image.augment import normalize
-from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, inference_copy
+from museum.image.backbones import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, create_backbone,
+                                    inference_copy)
 from museum.utils import check_classes, resolve_device
 
 CHECKPOINT_FORMAT = "museum-image/1"
@@ -67,14 +68,19 @@ class ImageModel:
         return self
 
     def build(self, classes: list[str], input_size: int, weights: str, head: bool = False,
-              check_size: bool = True) -> str:
+              check_size: bool = True, preprocess: dict | None = None) -> str:
         """Create the network for `classes` (with `head`, the backbone as a feature extractor for a
         scikit-learn head, see `embed.head_extractor`); returns where its initial weights came from.
 
-        `check_size` runs one dry forward pass at `input_size` (needed before training; a loaded
-        checkpoint was trained at its size, so `load` skips it)."""
+        Mean/std, interpolation and crop come from the backbone's pretrained config (`self.preprocess`),
+        overridden by `preprocess` (a loaded checkpoint's). `check_size` runs one dry forward pass at
+        `input_size` (needed before training; a loaded checkpoint was trained at its size, so `load` skips it)."""
         self.classes_, self.input_size = list(classes), int(input_size)
-        self.net, source = build_backbone(self.config.backbone, len(classes), weights)
+        backbone = create_backbone(self.config.backbone, len(classes), weights, self.input_size)
+        self.net, source = backbone.module, backbone.source
+        self.library = backbone.library
+        self.preprocess = {**backbone.preprocess, **(preprocess or {})}
+        self.mean, self.std = list(self.preprocess["mean"]), list(self.preprocess["std"])
         if check_size:
             check_input_size(self.net, self.config.backbone, self.input_size)
         if head:
@@ -89,6 +95,8 @@ class ImageModel:
             "format": CHECKPOINT_FORMAT, "package_version": __version__, "backbone": self.config.backbone,
             "classes": list(self.classes_), "input_size": self.input_size, "mean": list(self.mean),
             "std": list(self.std), "config": config_to_dict(self.config),
+            "library": getattr(self, "library", None),
+            "preprocess": {**getattr(self, "preprocess", {}), "mean": list(self.mean), "std": list(self.std)},
             "head": self.head.kind if self.head is not None else None, "decision": self.decision,
             "members": 1 + len(self.members),
         }
@@ -186,14 +194,16 @@ class ImageModel:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MuseumError(f"{path}: not an image-model checkpoint of this package; pass the folder written by train-image")
         model = cls(config_from_dict(ImageConfig, state["config"]))
-        model.mean, model.std = list(state["mean"]), list(state["std"])
-        model.build(state["classes"], state["input_size"], weights="none", head=bool(state.get("head")), check_size=False)
+        # Older checkpoints carry no `preprocess`: the backbone's own, with the mean/std they stored.
+        preprocess = {**(state.get("preprocess") or {}), "mean": list(state["mean"]), "std": list(state["std"])}
+        model.build(state["classes"], state["input_size"], weights="none", head=bool(state.get("head")), check_size=False,
+                    preprocess=preprocess)
         model.decision = state.get("decision")
         model.epoch, model.metric = state["epoch"], state["metric"]
         try:
             model.net.load_state_dict(state["state_dict"])
             for member_state in state.get("member_state_dicts") or []:
-                member, _ = build_backbone(model.config.backbone, len(model.classes_), "none")
+                member, _ = build_backbone(model.config.backbone, len(model.classes_), "none", model.input_size)
                 member.load_state_dict(member_state)
                 model.members.append(member.eval())
         except RuntimeError as exc:
