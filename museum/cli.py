@@ -12,6 +12,7 @@ import typer
 from museum import __version__
 from museum.errors import MuseumError
 from museum.log import setup_logging
+from museum.folders import check_not_input
 from museum.utils import check_out_file, check_out_folder
 
 app = typer.Typer(
@@ -50,6 +51,10 @@ def friendly_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except MuseumError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        except OSError as exc:  # a system error no writer turned into a MuseumError: still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}; check the path, its permissions and free disk space", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -416,6 +421,7 @@ def embed_cmd(
         train_csv, folder = images, image_dir or images.parent / "images"
     else:
         train_csv, folder = None, images
+    check_not_input(out, [train_csv, folder])
     emb = embed_folder(folder, out, train_csv, backbone, weights, input_size, device, workers,
                        str(cache_dir) if cache_dir else None, tta=tta, features=features)
     typer.echo(f"{out}: {emb.features.shape[0]} images x {emb.features.shape[1]} features "
@@ -530,6 +536,7 @@ def eda_cmd(
 
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
+    check_not_input(out, [path, images], folder=True)
     typer.echo(run_eda(path, images, stats, out).text)
 
 
@@ -565,6 +572,7 @@ def clean_cmd(
     action = "drop" if drop else "relabel" if relabel else "report"
     if embeddings is not None and reuse:
         raise MuseumError("--embeddings: --reuse takes the saved probabilities and embeds nothing; drop one of them")
+    check_not_input(out, [train, images, embeddings], folder=True)
     typer.echo(run_clean(train, images, out, folds, seed, expert, action, reuse, top, embeddings).text)
 
 
@@ -586,5 +594,6 @@ def dedup_cmd(
         raise MuseumError(f"--threshold {threshold}: must be in (0, 1]")
     if keep not in KEEP:
         raise MuseumError(f"--keep {keep}: expected one of {', '.join(KEEP)}")
+    check_not_input(out, [path, images, embeddings], folder=True)
     typer.echo(run_dedup(path, images, out, DEFAULT_THRESHOLD if threshold is None else threshold, keep, device,
                          embeddings).text)

@@ -359,12 +359,16 @@ def fit(loop: Loop, resume: bool = False) -> dict:
     best_state = None
     if resume:
         state = load_checkpoint(loop.out / "last.pt")
-        unwrap(loop.model).load_state_dict(state.get("train_state_dict", state["state_dict"]))
-        if loop.ema is not None:  # `state_dict` holds the averaged weights, `train_state_dict` the raw ones
-            loop.ema.module.load_state_dict(state["state_dict"])
-            loop.ema.steps = state.get("ema_steps", 0)
-        loop.optimizer.load_state_dict(state["optimizer"])
-        loop.scheduler.load_state_dict(state["scheduler"])
+        try:
+            unwrap(loop.model).load_state_dict(state.get("train_state_dict", state["state_dict"]))
+            if loop.ema is not None:  # `state_dict` holds the averaged weights, `train_state_dict` the raw ones
+                loop.ema.module.load_state_dict(state["state_dict"])
+                loop.ema.steps = state.get("ema_steps", 0)
+            loop.optimizer.load_state_dict(state["optimizer"])
+            loop.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise MuseumError(f"--resume: {loop.out / 'last.pt'} does not fit this network or data ({load_failure(exc)}); "
+                              "pass the options and data of the interrupted run, or drop --resume") from None
         loop.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         if loop.scaler is not None and state.get("scaler"):

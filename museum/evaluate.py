@@ -19,6 +19,7 @@ from museum.config import FusionConfig
 from museum.data.competition import iter_competition_chunks
 from museum.experts import ChunkScores, availability_counts, concat_scores, score_chunk
 from museum.fusion import ROUTES, CascadeResult, TuneResult, format_tune, save_settings, settings_path, tune_cascade
+from museum.folders import check_not_input, model_files
 from museum.log import logger
 from museum.metrics import classification_metrics, format_report
 from museum.submit import RunSetup, prepare
@@ -106,6 +107,9 @@ def evaluate(
     With `report_dir`, also the same HTML report a training run gets, for the cascade's predictions.
     """
     start = time.perf_counter()
+    inputs = [csv_path, *model_files(text_model), *model_files(image_model)]
+    check_not_input(json_out, inputs, "--json")
+    check_not_input(report_dir, [csv_path, images, text_model, image_model], "--report", folder=True)
     run = score_labelled(csv_path, images, text_model, image_model, overrides or {})
     y = run.labels
     cascade = run.result.labels(run.setup.cascade.classes)
@@ -198,6 +202,7 @@ def tune(
     The baseline is FusionConfig's defaults (or the thresholds given as options), never an
     earlier `fusion.json`, so re-tuning does not drift.
     """
+    check_not_input(out, [valid_csv, *model_files(text_model), *model_files(image_model)], "--out")
     # Macro-F1 over one class has nothing to trade off: refuse before any model is loaded.
     labels = [label for chunk in iter_competition_chunks(valid_csv, require_labels=True) for label in chunk.labels or []]
     check_classes(labels, f"{valid_csv}: the labels", "macro-F1 tuning")

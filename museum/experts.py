@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from museum.data.competition import CompetitionTable, is_safe_id
+from museum.data.files import MISSING, file_problem
 from museum.errors import MuseumError
 from museum.fusion import align, union_classes
 from museum.log import logger
 
 # Why a row has no image; "ok" is the only status the image expert scores.
-IMAGE_STATUSES = ("ok", "missing", "zero-byte", "broken", "unsafe guid", "no image folder", "no image model")
+IMAGE_STATUSES = ("ok", "missing", "zero-byte", "not a file", "broken", "unsafe guid", "no image folder", "no image model")
 
 
 @dataclass
@@ -60,10 +61,32 @@ def load_experts(text_dir: Path | None, image_dir: Path | None, device: str = "a
         from museum.image.model import ImageModel
 
         image = _load("image", image_dir, lambda: ImageModel.load(image_dir, device=device))
+    if text is not None and image is not None:
+        check_shared_classes(list(text.classes_), list(image.classes_), text_dir, image_dir)
     classes = union_classes(
         None if text is None else list(text.classes_), None if image is None else list(image.classes_)
     )
     return Experts(text, image, text_dir, image_dir, classes)
+
+
+def _listed(classes: list[str], most: int = 6) -> str:
+    shown = ", ".join(classes[:most])
+    return shown + (f", … ({len(classes)} in all)" if len(classes) > most else "")
+
+
+def check_shared_classes(text_classes: list[str], image_classes: list[str], text_dir, image_dir) -> None:
+    """Experts of different tasks must not be fused: no shared class is an error, a partial overlap a warning."""
+    shared = set(text_classes) & set(image_classes)
+    if not shared:
+        raise MuseumError(
+            f"--text-model {text_dir} and --image-model {image_dir} share no class (text: {_listed(text_classes)}; "
+            f"image: {_listed(image_classes)}); they were trained for different tasks: pass models of the same task"
+        )
+    for kind, own, other in (("text", text_classes, image_classes), ("image", image_classes, text_classes)):
+        alone = sorted(set(own) - set(other))
+        if alone:
+            logger.warning(f"only the {kind} model knows {len(alone)} class(es): {_listed(alone)}; "
+                           f"rows decided by the other model never get them")
 
 
 def _check_folder(kind: str, folder: Path) -> Path:
@@ -121,13 +144,12 @@ def image_paths(guids: list[str], images_dir: Path | None) -> tuple[list[Path | 
             status.append("unsafe guid")
             continue
         path = images_dir / f"{guid}.jpg"
-        try:
-            size = path.stat().st_size
-        except OSError:
+        problem = file_problem(path)  # a FIFO or a folder named like the image is never opened
+        if problem is not None:
             paths.append(None)
-            status.append("missing")
+            status.append("missing" if problem == MISSING else "not a file")
             continue
-        if size == 0:
+        if path.stat().st_size == 0:
             paths.append(None)
             status.append("zero-byte")
         else:

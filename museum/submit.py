@@ -22,6 +22,7 @@ from museum.errors import MuseumError
 from museum.experts import Experts, availability_counts, load_experts, log_experts, score_chunk
 from museum.fusion import ROUTES, Cascade, load_settings, merge_config, settings_path
 from museum.log import logger
+from museum.folders import check_not_input, model_files
 from museum.utils import atomic_path, read_json
 
 DEFAULT_OUT = Path("submissions/submission.csv")
@@ -180,6 +181,9 @@ def submit(
     test_csv, out = Path(test_csv), Path(out)
     if proba_out is not None and Path(proba_out).resolve() == out.resolve():
         raise MuseumError(f"--proba {proba_out}: same file as --out; give another path")
+    inputs = [test_csv, settings_file, *model_files(text_model), *model_files(image_model)]
+    check_not_input(out, inputs, "--out")
+    check_not_input(proba_out, inputs, "--proba")
     setup = setup or prepare(test_csv, images, text_model, image_model, overrides or {}, settings_file)
     config, cascade = setup.config, setup.cascade
     summary = SubmitSummary(out=out, proba_out=proba_out, fallback=cascade.fallback)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import random
@@ -61,26 +63,47 @@ def output_folder(out: str | Path | None, kind: str, source: str | Path) -> Path
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
-    A crash half-way never leaves a truncated file, and never destroys the previous one.
+    A crash half-way never leaves a truncated file, and never destroys the previous one; a full
+    disk or an unwritable place is a one-line error naming `path`. The temporary name carries the
+    writer's process id, so the leftovers of a killed writer are removed by the next one.
     """
     path = check_out_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _cannot_write(path, exc) from None
+        raise cannot_write(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
             os.replace(tmp_path, path)
         except OSError as exc:
-            raise _cannot_write(path, exc) from None
+            raise cannot_write(path, exc) from None
+        except RuntimeError as exc:
+            if not _is_write_failure(exc):
+                raise
+            raise cannot_write(path, OSError(errno.EIO, "write failed, the disk may be full")) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer."""
+    text = str(exc)
+    return "inline_container" in text or "file write failed" in text or "unexpected pos" in text
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete `.NAME.PID.*.tmp` files beside `path` whose writer process is gone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def check_classes(labels, source: str, what: str = "a classifier") -> list[str]:
@@ -94,8 +117,23 @@ def check_classes(labels, source: str, what: str = "a classifier") -> list[str]:
     return classes
 
 
-def _cannot_write(path: Path, exc: OSError) -> MuseumError:
-    return MuseumError(f"{path}: cannot write there ({exc.strerror}); pick another place")
+def cannot_write(path: Path, exc: OSError) -> MuseumError:
+    """The one-line error for a write that failed: where, why, and what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += ", the disk is full"
+    return MuseumError(f"{path}: cannot write there ({reason}); free some space or pick another place")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (the owner of a temporary file or folder)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_out_file(path: str | Path, option: str = "") -> Path:

@@ -7,6 +7,7 @@ skipped elsewhere.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,30 @@ def multimodal_dir() -> Path:
 @pytest.fixture(scope="session")
 def characters_dir() -> Path:
     return shared("characters")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(characters_dir, tmp_path_factory) -> Path:
+    """8 real images per class of simpsons_small (jpg and bmp), 40 in all, folder per class."""
+    root = tmp_path_factory.mktemp("tiny")
+    for class_dir in sorted((characters_dir / "simpsons_small").iterdir()):
+        (root / class_dir.name).mkdir()
+        for path in sorted(class_dir.iterdir())[:8]:
+            shutil.copy(path, root / class_dir.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory, museum_train_csv) -> Path:
+    """A tiny but real text model: 1,500 training rows, small vectors, two epochs (a few seconds)."""
+    from csvrows import read_rows, write_rows
+    from museum.config import TextConfig
+    from museum.text.train import train_text_model
+
+    root = tmp_path_factory.mktemp("text")
+    rows = read_rows(museum_train_csv)[:1500]
+    train = write_rows(root / "train.csv", ["guid", "description", "typology"],
+                       [[r["guid"], r["description"], r["typology"]] for r in rows])
+    config = TextConfig(navec=False, w2v_dim=32, w2v_epochs=2, epochs=2, hidden=16, device="cpu")
+    train_text_model(train, root / "model", config, progress=False)
+    return root / "model"

@@ -30,17 +30,6 @@ TINY = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=8, worker
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(characters_dir, tmp_path_factory) -> Path:
-    """8 real images per class of simpsons_small (jpg and bmp), 40 in all."""
-    root = tmp_path_factory.mktemp("tiny")
-    for class_dir in sorted((characters_dir / "simpsons_small").iterdir()):
-        (root / class_dir.name).mkdir()
-        for path in sorted(class_dir.iterdir())[:8]:
-            shutil.copy(path, root / class_dir.name)
-    return root
-
-
-@pytest.fixture(scope="session")
 def trained(tiny_folder, tmp_path_factory) -> tuple[ImageModel, Path]:
     out = tmp_path_factory.mktemp("run")
     model = train_image_model(replace(TINY, epochs=2), tiny_folder, out)
@@ -167,17 +156,22 @@ def test_seed_makes_runs_identical_and_resume_continues(tiny_folder, tmp_path, m
     monkeypatch.setattr(engine, "train_one_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train_image_model(config, tiny_folder, tmp_path / "killed")
-    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 1
+    # The interrupted run waits in killed.partial; nothing was published to killed/ yet.
+    assert torch.load(tmp_path / "killed.partial" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "killed").exists()
     monkeypatch.setattr(engine, "train_one_epoch", real)
+    with pytest.raises(MuseumError, match="options differ.*lr"):
+        train_image_model(replace(config, lr=0.5), tiny_folder, tmp_path / "killed", resume=True)
+    with pytest.raises(MuseumError, match="an interrupted run waits"):
+        train_image_model(config, tiny_folder, tmp_path / "killed")
     resumed = train_image_model(config, tiny_folder, tmp_path / "killed", resume=True)
+    assert not (tmp_path / "killed.partial").exists()
 
     rows_full = list(csv.DictReader(open(tmp_path / "full" / "summary.csv")))
     rows_resumed = list(csv.DictReader(open(tmp_path / "killed" / "summary.csv")))
     assert [r["loss"] for r in rows_full] == [r["loss"] for r in rows_resumed]
     for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(MuseumError, match="options differ"):
-        train_image_model(replace(config, lr=0.5), tiny_folder, tmp_path / "killed", resume=True)
 
 
 def test_members_are_averaged_saved_and_resumed(tiny_folder, tmp_path, monkeypatch):

@@ -24,20 +24,6 @@ def invoke(*args: str):
     return result
 
 
-@pytest.fixture(scope="session")
-def text_model_dir(tmp_path_factory, museum_train_csv) -> Path:
-    """A tiny but real text model: 1,500 training rows, small vectors, two epochs (a few seconds)."""
-    from museum.text.train import train_text_model
-
-    root = tmp_path_factory.mktemp("text")
-    rows = read_rows(museum_train_csv)[:1500]
-    train = write_rows(root / "train.csv", ["guid", "description", "typology"],
-                       [[r["guid"], r["description"], r["typology"]] for r in rows])
-    config = TextConfig(navec=False, w2v_dim=32, w2v_epochs=2, epochs=2, hidden=16, device="cpu")
-    train_text_model(train, root / "model", config, progress=False)
-    return root / "model"
-
-
 def most_frequent_val_class(model_dir: Path) -> str:
     per_class = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))["per_class"]
     return max(sorted(per_class), key=lambda c: per_class[c]["support"])

@@ -77,5 +77,5 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
     report["seconds"] = round(time.perf_counter() - start, 2)
     model.report_ = report
     if out is not None:
-        model.save(out)
+        model.write_files(out)
     return model

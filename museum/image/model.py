@@ -171,7 +171,20 @@ class ImageModel:
     # ------------------------------------------------------------------ persistence
 
     def save(self, folder: str | Path) -> Path:
-        """Write `folder/best.pt` (weights + self-description); returns its path."""
+        """Write the model folder as a whole (best.pt, head files, config.json); returns best.pt's path.
+
+        The complete old folder stays in place until the new one is complete (`museum.folders`)."""
+        from museum.folders import staged_folder
+        from museum.utils import write_json
+
+        self._check_fitted()
+        with staged_folder(folder, "image") as staging:
+            self.write_files(staging)
+            write_json(staging / "config.json", config_to_dict(self.config))
+        return Path(folder) / "best.pt"
+
+    def write_files(self, folder: str | Path) -> Path:
+        """Write `folder/best.pt` (weights + self-description) and the head's files into a working folder."""
         from museum.engine import save_checkpoint
 
         net = self._check_fitted()
@@ -187,8 +200,11 @@ class ImageModel:
     def load(cls, folder: str | Path, device: str = "auto") -> "ImageModel":
         """Rebuild a model from `folder/best.pt` (or a checkpoint file) without network or pretrained files."""
         from museum.engine import load_checkpoint
+        from museum.folders import verify_folder
 
         folder = Path(folder)
+        if folder.is_dir() or not folder.suffix:
+            verify_folder(folder, "image")
         path = folder / "best.pt" if folder.is_dir() or not folder.suffix else folder
         state = load_checkpoint(path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

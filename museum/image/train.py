@@ -8,6 +8,7 @@ of the training and validation rows, once; epochs then run on uint8 tensors in m
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -29,7 +30,9 @@ from museum.image.backbones import head_parameter_names
 from museum.image.model import ImageModel
 from museum.log import logger
 from museum.reports import write_report_safely
-from museum.utils import check_out_folder, read_json, resolve_device, seed_everything, write_json
+from museum.folders import check_destination, check_not_input, partial_folder, publish
+from museum.provenance import save_training_record, training_record
+from museum.utils import read_json, resolve_device, seed_everything, write_json
 
 BALANCE = ("loss", "sampler", "none")
 
@@ -229,7 +232,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     model.report_ = _report(val, outputs, val_paths, classes, loops[0].history, bests[0])
     if n_members > 1:
         if info.is_main:  # best.pt held member 0 alone while the others trained
-            model.save(out_dir)
+            model.write_files(out_dir)
         model.report_["members"] = [{"seed": seed, **best} for seed, best in zip(seeds, bests)]
         if info.is_main and val is not None:
             logger.info("members' val macro-F1 " + ", ".join(f"{b['best_metric']:.4f}" for b in bests)
@@ -375,10 +378,16 @@ RUNTIME_OPTIONS = frozenset({"device", "workers", "threads", "cache_dir"})
 
 def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: Path | None = None,
                       val: Path | None = None, resume: bool = False) -> ImageModel:
-    """`museum train-image`: list the data, fit, and write the run folder (rank 0 only)."""
+    """`museum train-image`: list the data, fit, and write the run folder (rank 0 only).
+
+    The run works in `OUT.partial` (checkpoints as it goes; `--resume` continues there) and, once
+    complete, replaces `out` as a whole: a run killed at any moment leaves the previous model intact."""
     from museum.image.binary import finish_binary, one_vs_rest, resolve_positive
 
-    out = check_out_folder(out)
+    check_not_input(out, [images, train_csv, val, config.embeddings], folder=True)
+    out = check_destination(out)
+    work = partial_folder(out)
+    is_main = os.environ.get("RANK", "0") == "0"
     items = load_items(images, train_csv)
     val_items = list_image_folder(val, "--val") if val is not None else None
     positive = resolve_positive(items.labels, config.positive)  # None: a many-class task
@@ -388,27 +397,26 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
     if positive is not None:
         items, val_items = one_vs_rest(items, positive), one_vs_rest(val_items, positive)
     wanted = config_to_dict(config)
+    record = training_record(train_csv, images, val=val)
     if resume:
-        if not (out / "config.json").is_file() or not (out / "last.pt").is_file():
-            raise MuseumError(f"--resume: {out} holds no interrupted run (config.json and last.pt); "
-                              "check --out, or drop --resume to start one")
-        saved = read_json(out / "config.json")
-        changed = sorted(k for k in set(saved) | set(wanted) if k not in RUNTIME_OPTIONS and saved.get(k) != wanted.get(k))
-        if changed:
-            raise MuseumError(f"--resume: options differ from {out / 'config.json'} ({', '.join(changed)}); "
-                              "pass the same options or drop --resume")
-    elif (os.environ.get("RANK", "0") == "0"):
-        write_json(out / "config.json", wanted)
+        check_resume(work, out, wanted, record, sorted(set(items.labels)))
+    elif is_main:
+        if (work / "last.pt").is_file():
+            raise MuseumError(f"--out {out}: an interrupted run waits in {work}; continue it with --resume, "
+                              "or delete that folder to start over")
+        shutil.rmtree(work, ignore_errors=True)  # a run that died before its first checkpoint: nothing to keep
+        write_json(work / "config.json", wanted)
+        save_training_record(work, record)
     model = ImageModel(config)
     try:
         model.fit(items.paths, items.labels, val_items.paths if val_items else None,
-                  val_items.labels if val_items else None, out=out, resume=resume)
-        if os.environ.get("RANK", "0") == "0":
+                  val_items.labels if val_items else None, out=work, resume=resume)
+        if is_main:
             if positive is not None:
                 finish_binary(model, positive, config.target_precision)
-                model.save(out)  # the checkpoint now carries the decision threshold
+                model.write_files(work)  # the checkpoint now carries the decision threshold
             model.report_["train_class_counts"] = dict(Counter(items.labels))
-            write_json(out / "metrics.json", model.report_)
+            write_json(work / "metrics.json", model.report_)
             val_metrics = model.report_.get("validation")
             if val_metrics:
                 from museum.metrics import format_report
@@ -416,8 +424,51 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
                 what = (f"{config.head} head" if config.head != "finetune" else f"best epoch {model.epoch}" if not model.members
                         else f"{1 + len(model.members)} networks averaged")
                 logger.info(format_report(val_metrics, f"validation ({what})"))
+            report = write_report_safely(work, shown_as=out)
+            publish(work, out, "image")
             logger.info(f"model written to {out}")
-            write_report_safely(out)
+            if report is not None:
+                logger.info(f"report: {out / report.name}")
+    except BaseException:
+        if is_main and not (work / "last.pt").is_file():  # failed before any checkpoint: no run to resume
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         cleanup_distributed()
     return model
+
+
+def check_resume(work: Path, out: Path, wanted: dict, record: dict, classes: list[str]) -> None:
+    """A one-line error unless `work` holds an interrupted run of these options, data and classes."""
+    if not (work / "config.json").is_file() or not (work / "last.pt").is_file():
+        raise MuseumError(f"--resume: {work} holds no interrupted run of --out {out} (config.json and last.pt); "
+                          "check --out, or drop --resume to start one")
+    saved = read_json(work / "config.json")
+    changed = sorted(k for k in set(saved) | set(wanted) if k not in RUNTIME_OPTIONS and saved.get(k) != wanted.get(k))
+    if changed:
+        raise MuseumError(f"--resume: options differ from {work / 'config.json'} ("
+                          + ", ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed[:3])
+                          + "); pass the same options or drop --resume")
+    then = read_json(work / "data.json") if (work / "data.json").is_file() else None
+    if then is not None:
+        for key, what in (("train", "training CSV"), ("images", "images folder"), ("val", "validation data")):
+            before, now = then.get(key), record.get(key)
+            differs = (before is None) != (now is None) or (before is not None and any(
+                before.get(k) != now.get(k) for k in ("path", "sha256", "files", "bytes") if k in before or k in now))
+            if differs:
+                raise MuseumError(f"--resume: the {what} is not the one the interrupted run trained on "
+                                  f"({_describe(before)} then, {_describe(now)} now); pass the same data or drop --resume")
+    from museum.engine import load_checkpoint
+
+    saved_classes = list(load_checkpoint(work / "last.pt").get("classes") or [])
+    if saved_classes and saved_classes != classes:
+        gone, new = sorted(set(saved_classes) - set(classes)), sorted(set(classes) - set(saved_classes))
+        raise MuseumError(f"--resume: the classes differ from the interrupted run's (only then: {', '.join(gone[:5]) or '-'}; "
+                          f"only now: {', '.join(new[:5]) or '-'}); pass the same data or drop --resume")
+
+
+def _describe(entry: dict | None) -> str:
+    if entry is None:
+        return "none"
+    detail = f"{entry['files']} files" if "files" in entry else f"sha256 {str(entry.get('sha256'))[:12]}"
+    return f"{entry.get('path')}, {detail}"

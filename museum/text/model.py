@@ -186,8 +186,15 @@ class TextModel:
 
     # ------------------------------------------------------------------------ save/load
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write the model folder as a whole: the complete old folder stays until the new one is complete."""
+        from museum.folders import staged_folder
+
+        with staged_folder(folder, "text") as staging:
+            self.write_files(staging)
+        return Path(folder)
+
+    def write_files(self, folder: Path) -> None:
+        """The model's files in `folder` (a staging folder: `save` and `train-text` seal and move it)."""
         checkpoint = {
             "format": FORMAT,
             "version": __version__,
@@ -214,11 +221,13 @@ class TextModel:
                     with open(tmp, "wb") as f:
                         np.savez(f, **arrays)
         write_json(folder / "config.json", config_to_dict(self.config))
-        return folder
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> "TextModel":
+        from museum.folders import verify_folder
+
         folder = Path(folder)
+        verify_folder(folder, "text")
         path = folder / "text_model.pt"
         if not path.exists():
             raise MuseumError(f"{folder}: not a text model folder (no text_model.pt); train one with `museum train-text`")
@@ -236,6 +245,7 @@ class TextModel:
             model.vocab_ = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             model._index = {w: i for i, w in enumerate(model.vocab_)}
             rows, dim = checkpoint["embedding_shape"]
+            _check_consistent(folder, len(model.vocab_), rows, len(model.classes_), checkpoint["state_dict"])
             model.lstm_ = BiLSTMClassifier(np.zeros((rows, dim), np.float32), len(model.classes_),
                                            model.config.hidden, model.config.dropout)
             model.lstm_.load_state_dict(checkpoint["state_dict"])
@@ -246,6 +256,10 @@ class TextModel:
                     meta = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
                     with np.load(folder / f"{name}.npz", allow_pickle=False) as arrays:
                         setattr(model, f"{name}_", expert_class.from_state(meta, dict(arrays)))
+                    expert_classes = getattr(model, f"{name}_").classes_
+                    if list(expert_classes) != model.classes_:
+                        raise MuseumError(f"{folder}: {name}.json names other classes than text_model.pt; the folder is "
+                                          "mixed: retrain it with `museum train-text`")
         except MuseumError:
             raise
         except Exception as exc:  # corrupted or foreign files: one line, not a traceback
@@ -253,3 +267,16 @@ class TextModel:
         model.device = resolve_device(device)
         model.lstm_.to(model.device)
         return model
+
+
+def _check_consistent(folder: Path, vocab_rows: int, embedding_rows: int, n_classes: int, state_dict: dict) -> None:
+    """Files that disagree in shape come from different runs (a folder mixed by hand or by a killed copy)."""
+    mixed = None
+    if vocab_rows != embedding_rows:
+        mixed = f"vocab.json has {vocab_rows} words but the network's embedding has {embedding_rows} rows"
+    else:
+        outputs = state_dict["head.weight"].shape[0]
+        if outputs != n_classes:
+            mixed = f"the network has {outputs} outputs for {n_classes} classes"
+    if mixed:
+        raise MuseumError(f"{folder}: {mixed}; the folder is mixed: retrain it with `museum train-text`")

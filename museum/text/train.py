@@ -16,7 +16,9 @@ from museum.log import logger
 from museum.metrics import classification_metrics, format_report
 from museum.reports import write_report_safely
 from museum.text.model import TextModel
-from museum.utils import atomic_path, check_classes, check_out_folder, write_json
+from museum.folders import check_destination, check_not_input, staged_folder
+from museum.provenance import save_training_record, training_record
+from museum.utils import atomic_path, check_classes, write_json
 
 
 def train_text_model(
@@ -27,7 +29,8 @@ def train_text_model(
     Returns the fitted model and the metrics dict also written to `out/metrics.json`.
     """
     start = time.perf_counter()
-    out = check_out_folder(out)
+    check_not_input(out, [train_path, *unlabeled], folder=True)
+    out = check_destination(out)
     table = read_competition_csv(train_path, require_labels=True)
     extra = [t for path in unlabeled for t in read_competition_csv(path).descriptions]
     table = _rows_with_text(table)
@@ -69,16 +72,21 @@ def train_text_model(
             for i, (g, t, c, p) in enumerate(zip(val.guids, val.descriptions, val.labels, predicted))
         ],
     )
-    model.save(out)
-    write_json(out / "metrics.json", metrics)
-    _write_summary(out / "summary.csv", model.history_)
     logger.info(format_report(metrics, "validation report (blended text model)"))
     experts = ", ".join(f"{name} {f1:.4f} × {model.blend_weights_.get(name, 0):.2f}" for name, f1 in metrics["experts"].items())
     logger.info(
         f"train-text done: val macro-F1 {metrics['macro_f1']:.4f} (experts: {experts}), "
         f"accuracy {metrics['accuracy']:.4f}, best epoch {model.best_epoch_}, {metrics['seconds']:.1f} s → {out}"
     )
-    write_report_safely(out)
+    # Everything goes into a staging folder that replaces `out` as a whole once complete.
+    with staged_folder(out, "text") as staging:
+        model.write_files(staging)
+        save_training_record(staging, training_record(train_path, unlabeled=unlabeled))
+        write_json(staging / "metrics.json", metrics)
+        _write_summary(staging / "summary.csv", model.history_)
+        report = write_report_safely(staging, shown_as=out)
+    if report is not None:
+        logger.info(f"report: {out / report.name}")
     return model, metrics
 
 
