@@ -43,11 +43,18 @@ DESCRIPTION = "Поднос под самовар, жесть, роспись"
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory, museum_train_csv, multimodal_dir) -> tuple[Path, Path]:
-    """(text model, image model) folders side by side: tiny, real, a few seconds each."""
+    """(text model, image model) folders side by side: tiny, real, a few seconds each.
+
+    Trained once per session even when another module (test_serve_load) imports this fixture.
+    """
     from museum.image.train import train_image_model
     from museum.text.train import train_text_model
 
-    root = tmp_path_factory.mktemp("serve-models")
+    root = tmp_path_factory.getbasetemp() / "serve-models"
+    if (root / "done").is_file():
+        return root / "text", root / "image"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
     text_rows = read_rows(museum_train_csv)[:1200]
     text_csv = write_rows(root / "text.csv", ["guid", "description", "typology"],
                           [[r["guid"], r["description"], r["typology"]] for r in text_rows])
@@ -59,6 +66,7 @@ def models(tmp_path_factory, museum_train_csv, multimodal_dir) -> tuple[Path, Pa
                            [[r["guid"], r["description"], r["typology"]] for r in image_rows])
     config = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=16, workers=0, threads=1, device="cpu")
     train_image_model(config, multimodal_dir / "images", root / "image", train_csv=image_csv)
+    (root / "done").touch()
     return root / "text", root / "image"
 
 
@@ -521,3 +529,15 @@ def test_busy_port_is_one_line_before_anything_loads():
         with pytest.raises(MuseumError, match=f"--port {port}: cannot listen on 127.0.0.1:{port}"):
             _check_port_free("127.0.0.1", port)
     _check_port_free("127.0.0.1", port)  # free again once released
+
+
+def test_model_file_that_is_not_a_regular_file_is_refused_not_read(tmp_path):
+    """A FIFO in place of a weights file would block `open` forever: refused at once instead."""
+    from museum.serve.service import file_version
+
+    fifo = tmp_path / "best.pt"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(OSError, match="not a regular file"):
+        file_version(fifo)
+    assert time.monotonic() - start < 1

@@ -1,13 +1,16 @@
 """`museum serve`: a web page and a JSON API over the trained experts, for curators.
 
 Modules: `service` (one item through the cascade, thread-safe), `jobs` (CSV submissions
-in the background), `limits` (body size, timeout and headers), `page` (HTML templates in
-`static/`), `app` (the FastAPI routes).
+in the background, a bounded queue), `limits` (body size, timeout, headers, the bounded queue
+in front of inference), `forms` (strict UTF-8 form fields), `connections` (slow and idle
+connections closed, open-files limit), `page` (HTML templates in `static/`), `app` (the
+FastAPI routes).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
 from pathlib import Path
 
@@ -29,11 +32,20 @@ def run_server(text_dir: Path | None, image_dir: Path | None, host: str = "127.0
     app = create_app(text_dir, image_dir, device, settings_file, limits)
     if not _is_loopback(host):
         logger.warning(f"--host {host}: the server is reachable from other machines; it has no login")
+    from museum.serve.connections import BACKLOG, head_timeout_protocol, raise_open_files_limit
+
+    raise_open_files_limit()  # one descriptor per connection: let a thousand in
     logger.info(f"serving on http://{host}:{port} (Ctrl-C stops)")
-    # limit_concurrency answers 503 instead of queueing without bound; keep-alive is short
-    # so idle connections do not hold the limit.
-    uvicorn.run(app, host=host, port=port, log_level="info" if access_log else "warning", access_log=access_log,
-                limit_concurrency=64, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    # No limit_concurrency: it counts idle and half-sent connections too, so slow clients locked
+    # everybody out. Slow clients are cut by the head deadline; work is bounded by the queues.
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info" if access_log else "warning", access_log=access_log,
+                    http=head_timeout_protocol(limits.head_timeout_s), backlog=BACKLOG,
+                    timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    finally:
+        # A second Ctrl-C skips the app's own shutdown: stop the job and remove its files here too.
+        app.state.jobs.close()
+        shutil.rmtree(app.state.workdir, ignore_errors=True)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -1,12 +1,15 @@
 """The FastAPI app: the curator's page, the JSON API and submission jobs over the loaded experts.
 
 `create_app` loads the models once; every route is a thin shell over `Predictor` (one item)
-or `Jobs` (a CSV). Blocking work (decoding, inference, CSV validation) runs in the thread
-pool, so the event loop keeps answering `/health` and progress polls meanwhile.
+or `Jobs` (a CSV). Blocking work (decoding, inference, CSV validation) runs in threads, so
+the event loop keeps answering `/health` and progress polls meanwhile. Predictions pass a
+bounded queue (`InferenceGate`) and uploads take a place in the bounded submission queue
+before their body is read; when either is full the answer is 503 JSON with `Retry-After`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from contextlib import asynccontextmanager
@@ -20,8 +23,9 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from museum import __version__
+from museum.serve.forms import StrictFormRoute
 from museum.serve.jobs import Job, Jobs
-from museum.serve.limits import GuardMiddleware, Limits
+from museum.serve.limits import Busy, GuardMiddleware, InferenceGate, Limits, json_reply
 from museum.serve.page import render_job, render_page, static_file
 from museum.serve.service import InputError, Predictor
 
@@ -78,6 +82,48 @@ class ModelsResponse(BaseModel):
     routing: dict
 
 
+class Admission:
+    """ASGI middleware: a full queue refuses an upload with 503 before its body is read.
+
+    `POST /predict` is refused while the inference queue is full (the gate checks again once
+    the body is in). `POST /submit` takes a place in the job queue, sized by `Content-Length`
+    (or by the CSV limit without one), before the upload spools to disk; the place is handed
+    to the handler in `request.state.upload_ticket` and freed when the request ends unless it
+    became a job.
+    """
+
+    def __init__(self, app, jobs: Jobs, gate: InferenceGate, csv_bytes: int):
+        self.app, self.jobs, self.gate, self.csv_bytes = app, jobs, gate, csv_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ("/predict", "/submit"):
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/predict":
+            try:
+                self.gate.check()
+            except Busy as exc:
+                return await self.refuse(receive, send, exc)
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        try:
+            ticket = self.jobs.reserve(int(length) if length.isdigit() else self.csv_bytes)
+        except Busy as exc:
+            return await self.refuse(receive, send, exc)
+        scope.setdefault("state", {})["upload_ticket"] = ticket
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.jobs.end_upload(ticket)
+
+    @staticmethod
+    async def refuse(receive, send, exc: Busy) -> None:
+        # Drop the body first (size-capped by GuardMiddleware): a connection closed with unread
+        # data is reset, and the client may lose the answer with it.
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        await json_reply(send, 503, str(exc), exc.headers)
+
+
 def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "auto",
                settings_file: Path | None = None, limits: Limits = Limits()) -> FastAPI:
     """Load the experts (either may be None) and return the app; a bad model folder is a `MuseumError`."""
@@ -87,19 +133,27 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    jobs = Jobs(predictor, workdir / "jobs")
+    jobs = Jobs(predictor, workdir / "jobs", limits.jobs, limits.jobs_bytes)
+    gate = InferenceGate(limits.workers, limits.queue, max_wait_s=limits.timeout_s / 2)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        jobs.close()
+        gate.close()
+        await asyncio.to_thread(jobs.close)  # waits for the running job's next chunk: keep the loop free
         shutil.rmtree(workdir, ignore_errors=True)
 
     # Swagger UI and ReDoc load their scripts from a CDN, which is out of reach here: schema only.
     app = FastAPI(title="museum", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Tell a museum item's typology from its photo, its Russian description, or both.")
-    app.add_middleware(GuardMiddleware, limits=limits)
-    app.state.predictor, app.state.jobs = predictor, jobs
+    app.router.route_class = StrictFormRoute  # form fields that are not valid UTF-8 are a 422
+    app.add_middleware(Admission, jobs=jobs, gate=gate, csv_bytes=limits.csv_bytes)
+    app.add_middleware(GuardMiddleware, limits=limits)  # outermost: oversized bodies are refused before anything
+    app.state.predictor, app.state.jobs, app.state.gate, app.state.workdir = predictor, jobs, gate, workdir
+
+    @app.exception_handler(Busy)
+    async def busy(_request: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=exc.headers)
 
     @app.exception_handler(InputError)
     async def input_error(_request: Request, exc: InputError) -> JSONResponse:
@@ -115,12 +169,13 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
                  for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(parts)[:300]}, status_code=422)
 
-    async def read_image(image: UploadFile | None) -> bytes | None:
+    def predict_upload(description: str, image: UploadFile | None):
+        """Score one upload (in a gate thread: the photo is read only once it is its turn)."""
+        data = image.file.read() if image is not None else None
         # A browser sends an empty, nameless file part when no file was chosen: that is "no image".
-        if image is None:
-            return None
-        data = await image.read()
-        return None if not data and not image.filename else data
+        if image is not None and not data and not image.filename:
+            data = None
+        return predictor.predict(description, data)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -130,26 +185,33 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
     async def page_predict(image: UploadFile | None = File(None), description: str = Form("")) -> HTMLResponse:
         """The no-JavaScript form post: the same prediction, rendered into the page."""
         try:
-            result = await run_in_threadpool(predictor.predict, description, await read_image(image))
+            result = await gate.run(predict_upload, description, image)
         except InputError as exc:
             return HTMLResponse(render_page(predictor, limits, error=str(exc), description=description), 422)
+        except Busy as exc:
+            return HTMLResponse(render_page(predictor, limits, error=str(exc), description=description), 503,
+                                headers=exc.headers)
         return HTMLResponse(render_page(predictor, limits, result, description=description))
 
-    @app.post("/predict", response_model=PredictResponse, responses={422: {"description": "Nothing usable to score"}})
+    @app.post("/predict", response_model=PredictResponse,
+              responses={422: {"description": "Nothing usable to score"}, 503: {"description": "Busy: retry after Retry-After s"}})
     async def predict(
         image: UploadFile | None = File(None, description="Photo of the item (JPEG, PNG, WebP, ...)."),
         description: str = Form("", description="Catalogue description, UTF-8 (Russian)."),
     ) -> PredictResponse:
         """Predict the typology of one item from its photo, its description, or both."""
-        result = await run_in_threadpool(predictor.predict, description, await read_image(image))
+        result = await gate.run(predict_upload, description, image)
         return PredictResponse(**vars(result))
 
     @app.post("/submit", status_code=202, response_model=JobResponse,
-              responses={303: {"description": "Redirect to the progress page (form field page=1)"}})
-    async def submit(file: UploadFile = File(..., description="Test CSV: guid,description[,typology], UTF-8."),
+              responses={303: {"description": "Redirect to the progress page (form field page=1)"},
+                         503: {"description": "Queue full: retry after Retry-After s"}})
+    async def submit(request: Request,
+                     file: UploadFile = File(..., description="Test CSV: guid,description[,typology], UTF-8."),
                      page: str = Form("", description="1: answer with a redirect to an HTML progress page.")):
         """Queue a submission (guid,typology) for a whole CSV; poll `GET /jobs/{id}` for progress."""
-        job = await run_in_threadpool(jobs.start, await file.read())
+        ticket = getattr(request.state, "upload_ticket", None)
+        job = await run_in_threadpool(jobs.start, await file.read(), ticket)
         if page:
             return RedirectResponse(f"/jobs/{job.id}/view", status_code=303)
         return JobResponse(**job.as_dict())

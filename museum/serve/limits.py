@@ -1,4 +1,5 @@
-"""An ASGI middleware that bounds every request: body size, wall time, and safe response headers.
+"""Request bounds: an ASGI middleware for body size, wall time and safe response headers, and the
+bounded queue in front of inference.
 
 Sizes are checked twice: against `Content-Length` before anything is read, and while the
 body streams in (a client may send no length, or lie about it). Starlette's form parser
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 MB = 1024 * 1024
@@ -25,19 +29,110 @@ SECURITY_HEADERS = [
 
 @dataclass(frozen=True)
 class Limits:
-    """Request bounds; `csv_bytes` applies to `POST /submit`, `upload_bytes` to every other request."""
+    """Request bounds; `csv_bytes` applies to `POST /submit`, `upload_bytes` to every other request.
+
+    `workers` predictions run at once and `queue` more may wait; beyond that `/predict` answers
+    503. `jobs` submissions (uploading, queued or running) and `jobs_bytes` of their CSVs may be
+    pending; beyond that `/submit` answers 503 (one upload alone is always let in: `csv_bytes`
+    bounds it). A connection whose request head is not complete `head_timeout_s` after it opened
+    (or after its last answer) is closed.
+    """
 
     upload_bytes: int = 12 * MB
     csv_bytes: int = 50 * MB
     timeout_s: float = 30.0
+    workers: int = 2  # one per expert: each expert takes one request at a time (service.LockedModel)
+    queue: int = 64
+    jobs: int = 4
+    jobs_bytes: int = 100 * MB
+    head_timeout_s: float = 5.0
 
 
-async def _reply(send, status: int, message: str) -> None:
+class Busy(Exception):
+    """The server is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+async def json_reply(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    """A `{"detail": message}` response sent straight through ASGI (for answers given before the app runs)."""
     body = json.dumps({"detail": message}, ensure_ascii=False).encode("utf-8")
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})
+                            (b"content-length", str(len(body)).encode()), *extra, *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": body})
+
+
+class InferenceGate:
+    """At most `workers` calls run at once, in threads off the event loop; at most `queue` wait for a turn.
+
+    A call beyond that raises `Busy` at once instead of waiting without bound, and so does one
+    whose expected wait passes `max_wait_s` (it would only time out in the queue). A slot is
+    freed when its thread ends, not when the request gives up (a timed-out request does not
+    let a new call start while its thread still computes).
+    """
+
+    def __init__(self, workers: int, queue: int, max_wait_s: float = 15.0):
+        self.workers, self.queue, self.max_wait_s = workers, queue, max_wait_s
+        self.running = self.waiting = 0
+        self.seconds_per_call = 0.1  # running mean, for Retry-After
+        self._slots: asyncio.Semaphore | None = None  # made in the server's event loop, on first use
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="museum-predict")
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained, 1 to 60."""
+        backlog = (self.running + self.waiting) * self.seconds_per_call / self.workers
+        return min(60, max(1, math.ceil(backlog)))
+
+    def full(self) -> bool:
+        """No free slot and no room to wait."""
+        if self.running < self.workers:
+            return False
+        return self.waiting >= self.queue or (self.waiting + 1) * self.seconds_per_call / self.workers > self.max_wait_s
+
+    def check(self) -> None:
+        """`Busy` when full: also called before a request body is read, to refuse it cheaply."""
+        if self.full():
+            raise Busy(f"server busy: {self.running} prediction(s) running and {self.waiting} waiting; "
+                       "retry in a few seconds", self.retry_after())
+
+    async def run(self, fn, *args):
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.workers)
+        self.check()
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn, *args)
+        future.add_done_callback(self._free)
+        # shield: a request that times out stops waiting, the computation (and its slot) goes on.
+        return await asyncio.shield(future)
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds_per_call = 0.8 * self.seconds_per_call + 0.2 * (time.perf_counter() - start)
+
+    def _free(self, future: asyncio.Future) -> None:
+        self.running -= 1
+        self._slots.release()
+        if not future.cancelled():
+            future.exception()  # retrieved here too, so an abandoned call's error is not logged as "never retrieved"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class GuardMiddleware:
@@ -53,7 +148,7 @@ class GuardMiddleware:
         too_big = f"request body over {limit // MB} MB; send a smaller file"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            return await _reply(send, 413, too_big)
+            return await json_reply(send, 413, too_big)
         state = {"received": 0, "over": False, "started": False}
 
         async def limited_receive():
@@ -78,10 +173,10 @@ class GuardMiddleware:
             await asyncio.wait_for(self.app(scope, limited_receive, guarded_send), self.limits.timeout_s)
         except asyncio.TimeoutError:
             if not state["started"]:
-                await _reply(send, 504, f"request took longer than {self.limits.timeout_s:g} s; try a smaller file or retry")
+                await json_reply(send, 504, f"request took longer than {self.limits.timeout_s:g} s; try a smaller file or retry")
             return
         except Exception:
             if not state["over"]:
                 raise
         if state["over"] and not state["started"]:
-            await _reply(send, 413, too_big)
+            await json_reply(send, 413, too_big)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from museum import __version__
+from museum.data.files import file_problem, open_regular
 from museum.data.images import ImageDecodeError, decode_bytes
 from museum.errors import MuseumError
 from museum.fusion import ROUTES, align
@@ -76,7 +77,7 @@ class Prediction:
 def file_version(path: Path) -> dict:
     """A model file's identity: the first 12 hex digits of its SHA-256 and its modification time."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or device in its place is refused, never read (it could block)
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
@@ -100,7 +101,7 @@ class Predictor:
         self.versions = {
             kind: file_version(folder / name)
             for kind, folder, name in (("text", experts.text_dir, "text_model.pt"), ("image", experts.image_dir, "best.pt"))
-            if folder is not None and (folder / name).is_file()
+            if folder is not None and file_problem(folder / name) is None
         }
 
     @property
