@@ -13,6 +13,16 @@ adds each set's mean: on ~90 validation images one image moves macro-F1 by ~0.01
 
 Prints tables and writes bench_results/bench_image.json. With `--merge` the rows of (set, seed)
 pairs not run this time are kept from that file, so slow sets can be re-run (or run in parallel) alone.
+
+`--backbones offline` (or a comma-separated list such as mobilenet_v2,tf_efficientnet_lite0)
+compares backbones instead: `train_image_model` with default options for each backbone, set
+(the four character sets and museum_multimodal by default) and split seed; it prints mean
+macro-F1 and training seconds per set and backbone and writes bench_results/bench_image_backbones.json.
+`offline` means every backbone whose ImageNet weights an installed package ships (mobilenet_v2,
+tf_efficientnet_lite0/1/2). The full grid takes hours on two shared cores:
+
+    python scripts/bench_image.py --backbones offline --seeds 0,1,2 --threads 1
+    python scripts/bench_image.py --backbones offline --datasets quintuplets_faces --quick   # a smoke run
 """
 
 from __future__ import annotations
@@ -34,11 +44,14 @@ from museum.data.images import decode_cache, list_image_folder  # noqa: E402
 from museum.engine import predict_logits, train_one_epoch  # noqa: E402
 from museum.image.augment import augment, normalize  # noqa: E402
 from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, head_parameter_names  # noqa: E402
+from museum.image.weights import PACKAGED, packaged_file  # noqa: E402
 from museum.image.train import train_image_model  # noqa: E402
 from museum.log import setup_logging  # noqa: E402
 
-DATA = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "characters"
+SHARED = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = SHARED / "characters"
 DATASETS = ["simpsons_small", "quintuplets_faces", "quintuplets", "simpsons_mnist"]
+MULTIMODAL = "museum_multimodal"  # guid/typology CSV + images/: the museum photos
 TARGETS = {"simpsons_small": 0.92, "quintuplets_faces": 0.97, "quintuplets": 0.85, "simpsons_mnist": 0.90}
 
 
@@ -111,36 +124,85 @@ def speed(root: Path, size: int, n_batches: int, batch: int = 32, rounds: int = 
     return {f"{phase}_{which}": round(r, 1) for (phase, which), r in rates.items()} | {"images": n, "size": size}
 
 
-def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0) -> dict:
-    config = ImageConfig(epochs=2 if quick else 0, threads=threads, seed=seed)
+def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0,
+             backbone: str = ImageConfig.backbone) -> dict:
+    config = ImageConfig(backbone=backbone, epochs=2 if quick else 0, threads=threads, seed=seed)
+    out = out_root / (name if seed == 0 else f"{name}-seed{seed}")
     start = time.perf_counter()
-    model = train_image_model(config, DATA / name, out_root / (name if seed == 0 else f"{name}-seed{seed}"))
+    if name == MULTIMODAL:
+        model = train_image_model(config, SHARED / name / "images", out, train_csv=SHARED / name / "train.csv")
+    else:
+        model = train_image_model(config, DATA / name, out)
     seconds = time.perf_counter() - start
     val = model.report_["validation"]
-    return {"dataset": name, "seed": seed, "macro_f1": round(val["macro_f1"], 4), "accuracy": round(val["accuracy"], 4),
+    return {"dataset": name, "seed": seed, "backbone": config.backbone,
+            "macro_f1": round(val["macro_f1"], 4), "accuracy": round(val["accuracy"], 4),
             "target": TARGETS.get(name), "best_epoch": model.epoch, "epochs_run": len(model.report_["history"]),
             "input_size": model.input_size, "seconds": round(seconds, 1),
             "load_average_1min_at_end": round(os.getloadavg()[0], 2)}  # > CPUs: other jobs slowed this run
 
 
+def offline_backbones() -> list[str]:
+    """Backbones whose ImageNet weights an installed package ships (no network, no cache needed)."""
+    return [name for name in PACKAGED if packaged_file(name) is not None]
+
+
+def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int], quick: bool, threads: int,
+                      out: Path) -> dict:
+    """Train every backbone on every set and split seed; mean macro-F1 and seconds per (set, backbone)."""
+    runs = [accuracy(name, quick, out.parent / "image_backbone_runs" / backbone, threads, seed, backbone)
+            for name in datasets for backbone in backbones for seed in seeds]
+    summary = {}
+    for name in datasets:
+        for backbone in backbones:
+            rows = [r for r in runs if r["dataset"] == name and r["backbone"] == backbone]
+            summary.setdefault(name, {})[backbone] = {
+                "seeds": [r["seed"] for r in rows], "macro_f1": round(sum(r["macro_f1"] for r in rows) / len(rows), 4),
+                "seconds": round(sum(r["seconds"] for r in rows) / len(rows), 1)}
+    width = max(22, *(len(b) + 2 for b in backbones))
+    print(f"\nmean macro-F1 / training seconds over split seeds {', '.join(map(str, seeds))}"
+          + (" (--quick: 2 epochs)" if quick else ""))
+    print(f"{'dataset':18}" + "".join(f"{b:>{width}}" for b in backbones))
+    for name in datasets:
+        cells = [summary[name][b] for b in backbones]
+        print(f"{name:18}" + "".join(f"{c['macro_f1']:>{width - 9}.4f} /{c['seconds']:6.0f}s" for c in cells))
+    return {"backbones": backbones, "datasets": datasets, "seeds": seeds, "quick": quick, "threads": torch.get_num_threads(),
+            "load_average_at_start": round(os.getloadavg()[0], 2), "runs": runs, "summary": summary}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs per set and fewer speed batches.")
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--datasets", default=None,
+                        help=f"Comma-separated (default {','.join(DATASETS)}; with --backbones also {MULTIMODAL})")
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--no-speed", action="store_true", help="Skip the speed table (keep the file's with --merge).")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0 = all CPUs); 1 when other jobs share the CPUs: oversubscribed threads crawl.")
     parser.add_argument("--seeds", default="0", help="Split seeds, comma-separated; one training per set and seed.")
     parser.add_argument("--merge", action="store_true", help="Keep the file's results for what is not run now.")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_image.json")
+    parser.add_argument("--backbones", default=None,
+                        help="Compare backbones instead: 'offline' (those whose weights an installed package ships) "
+                             "or comma-separated names; --datasets then defaults to the four sets and museum_multimodal.")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default bench_results/bench_image.json, with --backbones bench_image_backbones.json)")
     args = parser.parse_args()
+    default_out = "bench_image_backbones.json" if args.backbones else "bench_image.json"
+    args.out = args.out or ROOT / "bench_results" / default_out
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2")
     setup_logging()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.backbones:
+        names = offline_backbones() if args.backbones == "offline" else [b for b in args.backbones.split(",") if b]
+        datasets = [d for d in args.datasets.split(",") if d] if args.datasets else DATASETS + [MULTIMODAL]
+        result = compare_backbones(names, datasets, seeds, args.quick, args.threads, args.out)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"\nwritten to {args.out}")
+        return
     size = 160
     result = {"config": config_to_dict(ImageConfig()), "threads": torch.get_num_threads(),
               "load_average_at_start": round(os.getloadavg()[0], 2)}  # other jobs on the machine skew timings
@@ -155,7 +217,7 @@ def main() -> None:
     if not args.speed_only:
         out_root = args.out.parent / "image_runs"
         result["accuracy"] = [accuracy(name, args.quick, out_root, args.threads, seed)
-                              for name in args.datasets.split(",") if name for seed in seeds]
+                              for name in (args.datasets or ",".join(DATASETS)).split(",") if name for seed in seeds]
     if args.merge and args.out.is_file():  # read as late as possible: a parallel run may have just written it
         old = json.loads(args.out.read_text())
         result.setdefault("speed", old.get("speed"))

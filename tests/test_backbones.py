@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +109,17 @@ def test_imagenet_offline_comes_from_the_package_with_a_fresh_head(offline):
     assert torch.equal(backbone.module.bn2.running_var, reference["_bn1.running_var"])
     assert backbone.module.classifier.out_features == 3
     assert backbone.preprocess["mean"] == [0.5, 0.5, 0.5] and backbone.preprocess["interpolation"] == "bicubic"
+
+
+def test_a_failed_download_falls_through_to_the_package_file(offline, monkeypatch, caplog):
+    import huggingface_hub.constants
+
+    path = packaged("tf_efficientnet_lite0")
+    monkeypatch.setattr(backbones, "_online", lambda url, timeout=3.0: True)  # the probe says yes…
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # …but the hub cannot be reached
+    backbone = backbones.create_backbone("tf_efficientnet_lite0", 3, "imagenet")
+    assert str(path) in backbone.source
+    assert "download of https://huggingface.co/timm/tf_efficientnet_lite0.in1k failed" in caplog.text
 
 
 def test_imagenet_from_the_hugging_face_and_torch_caches(offline, tmp_path, monkeypatch):

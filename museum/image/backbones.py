@@ -178,15 +178,16 @@ def _weights_path(weights: str) -> Path:
     return path
 
 
-def _timm_imagenet(arch: str, cfg) -> tuple[dict, str]:
-    """(pretrained_cfg_overlay for timm.create_model, where the weights come from) for `--weights imagenet`."""
+def _timm_imagenet(arch: str, cfg, download: bool = True) -> tuple[dict, str]:
+    """(pretrained_cfg_overlay for timm.create_model, where the weights come from) for `--weights imagenet`;
+    an empty overlay means: download (the host answered)."""
     if cfg is None or not (cfg.hf_hub_id or cfg.url or weight_files.packaged_file(arch)):
         raise MuseumError(f"--backbone {arch}: timm has no pretrained weights for it; pass --weights none")
     cached = weight_files.cached_timm_file(cfg)
     if cached is not None:
         return {"file": str(cached)}, f"local cache {cached}"
     remote = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
-    if _online(remote):
+    if download and _online(remote):
         return {}, remote  # timm downloads into the Hugging Face (or torch hub) cache
     packaged = weight_files.packaged_file(arch)
     if packaged is not None:
@@ -207,7 +208,6 @@ def _build_timm(name: str, n_classes: int, weights: str, input_size: int | None)
         overlay, source = _timm_imagenet(arch, cfg)
     elif weights != "none":
         overlay, source = {"state_dict": _load_file(_weights_path(weights))}, weights
-    state = overlay.pop("state_dict", None) if overlay is not None else None
 
     def create(**kwargs) -> nn.Module:
         try:
@@ -221,6 +221,14 @@ def _build_timm(name: str, n_classes: int, weights: str, input_size: int | None)
             raise MuseumError(f"--weights {weights}: could not load {arch}'s weights from {source} "
                               f"({str(exc).strip().splitlines()[0][:160]}); pass another file or --weights none") from None
 
+    if overlay == {}:
+        try:
+            model = create(pretrained=True)
+            return Backbone(model, source, timm_preprocess(model), "timm")
+        except MuseumError as exc:  # a failed download falls through to the offline copy
+            logger.warning(f"download of {source} failed ({exc})")
+            overlay, source = _timm_imagenet(arch, cfg, download=False)
+    state = overlay.pop("state_dict", None) if overlay is not None else None
     if overlay is None or state is not None:
         model = create(pretrained=False)
         if state is not None:  # a user's or a packaged file: checked tensor by tensor, the head stays fresh
@@ -374,7 +382,8 @@ def _norm_remainder(norm: nn.BatchNorm2d) -> nn.Module | None:
     if type(norm) is nn.BatchNorm2d:
         return nn.Identity()
     timm_layers = sys.modules.get("timm.layers")  # loaded whenever a timm model exists; never imported here
-    if timm_layers is not None and type(norm) is timm_layers.BatchNormAct2d:  # timm: batch norm, then dropout (off in eval), then activation
+    # timm's BatchNormAct2d: batch norm, then dropout (off in eval), then activation
+    if timm_layers is not None and type(norm) is timm_layers.BatchNormAct2d:
         return nn.Sequential(norm.drop, norm.act)
     return None
 

@@ -43,7 +43,8 @@ def torchvision_preprocess(name: str) -> dict:
         return {"pretrained_input_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
     crop, resize = transform.crop_size[0], transform.resize_size[0]
-    return {"pretrained_input_size": int(crop), "mean": [float(v) for v in transform.mean], "std": [float(v) for v in transform.std],
+    return {"pretrained_input_size": int(crop), "mean": [float(v) for v in transform.mean],
+            "std": [float(v) for v in transform.std],
             "interpolation": transform.interpolation.value, "crop_pct": round(crop / resize, 4), "crop_mode": "center"}
 
 
