@@ -30,6 +30,7 @@ import numpy as np
 from museum.data.competition import LABEL_COLUMN, guid_image_paths, read_competition_csv, stratified_folds, stratified_split
 from museum.dedup import write_csv, write_csv_copy
 from museum.errors import MuseumError, load_failure
+from museum.extras import require
 from museum.log import logger
 from museum.utils import atomic_path, check_classes, output_folder, read_json, write_json
 
@@ -318,6 +319,7 @@ def run_clean(train_csv: str | Path | None, images: str | Path | None, out: str 
 
     if action not in ACTIONS:
         raise MuseumError(f"action {action}: expected one of {', '.join(ACTIONS)}")
+    require("cleanlab", "clean")  # before hours of folds, not after them
     items = load_items(train_csv, images)
     out_dir = output_folder(out, "clean", items.source)
     if reuse:

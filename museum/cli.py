@@ -597,3 +597,18 @@ def dedup_cmd(
     check_not_input(out, [path, images, embeddings], folder=True)
     typer.echo(run_dedup(path, images, out, DEFAULT_THRESHOLD if threshold is None else threshold, keep, device,
                          embeddings).text)
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+@app.command("doctor")
+@friendly_errors
+def doctor_cmd() -> None:
+    """Show what is installed and found (packages, navec vectors, offline weights, CUDA, chromium) and how to get what is missing."""
+    from museum.doctor import run_doctor
+
+    report, healthy = run_doctor()
+    typer.echo(report)
+    if not healthy:
+        raise typer.Exit(1)

@@ -40,14 +40,16 @@ class RunSetup:
     fallback_source: str
 
 
-def resolve_images(csv_path: Path, images: Path | None) -> Path | None:
-    """The image folder: as given, else `images/` beside the CSV (the competition layout), else none."""
+def resolve_images(csv_path: Path | None, images: Path | None) -> Path | None:
+    """The image folder: as given, else `images/` beside the CSV (the competition layout), else none.
+
+    No CSV (`museum.predictor`, which is given rows, not a file): only a folder given counts."""
     if images is not None:
         if not images.is_dir():
             raise MuseumError(f"--images {images}: not a folder; give the folder holding {{guid}}.jpg files")
         return images
-    beside = csv_path.parent / "images"
-    return beside if beside.is_dir() else None
+    beside = csv_path.parent / "images" if csv_path is not None else None
+    return beside if beside is not None and beside.is_dir() else None
 
 
 def training_class_counts(experts: Experts) -> tuple[Counter, str]:
@@ -89,7 +91,7 @@ def resolve_fallback(config: FusionConfig, experts: Experts) -> tuple[str, str]:
 
 
 def prepare(
-    csv_path: Path,
+    csv_path: Path | None,
     images: Path | None,
     text_model: Path | None,
     image_model: Path | None,

@@ -1,7 +1,7 @@
 """`ImageModel`: a fine-tuned torchvision CNN with a scikit-learn-like interface.
 
 `fit(paths, labels)` trains (see `museum.image.train`), `predict_proba(images)` scores PIL
-images, `predict_paths(paths)` decodes files through the safe decoder in DataLoader
+images, uint8 arrays or files, `predict_paths(paths)` decodes files through the safe decoder in DataLoader
 workers, and `save`/`load` use one self-describing checkpoint, `best.pt`.
 `classes_` fixes the column order of every probability matrix.
 """
@@ -17,7 +17,7 @@ from PIL import Image
 
 from museum import __version__
 from museum.config import ImageConfig, config_from_dict, config_to_dict
-from museum.data.images import decode_loader, image_to_tensor, to_rgb
+from museum.data.images import decode_bytes, decode_loader, image_to_tensor, read_bytes, to_rgb
 from museum.errors import MuseumError, load_failure
 from museum.image.augment import normalize
 from museum.image.backbones import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, create_backbone,
@@ -139,16 +139,35 @@ class ImageModel:
             proba = shift_proba(proba, pos, self.decision["threshold"]).astype(np.float32)
         return proba
 
-    def predict_proba(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """Probabilities (n, len(classes_)) for PIL images of any mode and size."""
+    def predict_proba(self, images: Sequence[Image.Image | np.ndarray | str | Path], batch_size: int = 64) -> np.ndarray:
+        """Probabilities (n, len(classes_)) for PIL images of any mode and size, numpy arrays (H×W×C or H×W,
+        uint8) or image file paths (through the safe decoder; an unusable file is a one-line error naming it,
+        `predict_paths` skips such files instead)."""
+        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim == 3
+                                                              and images.shape[-1] in (1, 3, 4)):
+            raise MuseumError("predict_proba: one image; pass a list of images, e.g. [image]")
+        images = list(images)
         self._check_fitted().eval()
         mean, std = self._norm_stats()
         out = np.zeros((len(images), len(self.classes_)), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            batch = torch.stack([image_to_tensor(to_rgb(img), self.input_size) for img in chunk])
+            batch = torch.stack([self._as_tensor(img, start + i) for i, img in enumerate(chunk)])
             out[start:start + len(chunk)] = self._proba_uint8(batch, mean, std)
         return out
+
+    def _as_tensor(self, image: Image.Image | np.ndarray | str | Path, row: int) -> torch.Tensor:
+        """One input as the uint8 (3, S, S) tensor the networks take, decoded as `predict_paths` decodes files."""
+        if isinstance(image, (str, Path)):
+            return image_to_tensor(decode_bytes(read_bytes(image), image, draft=self.input_size), self.input_size)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise MuseumError(f"image {row}: array of shape {image.shape} and dtype {image.dtype}; expected "
+                                  "H×W×3 (RGB), H×W×4 (RGBA) or H×W uint8 values 0..255")
+            image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+        if not isinstance(image, Image.Image):
+            raise MuseumError(f"image {row}: a {type(image).__name__}; expected a PIL image, a uint8 array or a file path")
+        return image_to_tensor(to_rgb(image), self.input_size)
 
     def predict_paths(self, paths: list[Path | None], batch_size: int = 64,
                       num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:

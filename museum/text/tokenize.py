@@ -49,9 +49,9 @@ class Lemmatizer:
     """pymorphy3 normal forms with a per-word cache (catalogue vocabularies are small)."""
 
     def __init__(self) -> None:
-        import pymorphy3
+        from museum.extras import require
 
-        self._morph = pymorphy3.MorphAnalyzer()
+        self._morph = require("pymorphy3", "lemmatize").MorphAnalyzer()
 
     @lru_cache(maxsize=200_000)
     def lemma(self, token: str) -> str:

@@ -28,16 +28,24 @@ def find_navec() -> Path | None:
     return path if path.exists() else None
 
 
+NAVEC_INSTALL = "pip install --no-deps natasha==1.6.0 (scripts/setup.sh does; `museum doctor` checks)"
+
+
 def load_navec():
-    """The navec model, or None (with a log line saying how to get it) when unavailable."""
+    """The navec model, or None (with a warning saying how to get it) when unavailable.
+
+    A warning, not an info line: without navec Word2Vec starts from random vectors and the
+    word-vector expert is left out, which costs about 0.02 macro-F1 (see bench_text)."""
     path = find_navec()
     if path is None:
-        logger.info("navec vectors not found (pip install --no-deps natasha==1.6.0): Word2Vec starts from random vectors")
+        logger.warning(f"navec vectors not found: Word2Vec starts from random vectors and the word-vector expert "
+                       f"is left out; to get them: {NAVEC_INSTALL}")
         return None
     try:
         from navec import Navec
     except ImportError:
-        logger.info("the navec package is not installed (pip install navec==0.10.0): Word2Vec starts from random vectors")
+        logger.warning("the navec package is not installed: Word2Vec starts from random vectors and the word-vector "
+                       "expert is left out; to get it: pip install navec")
         return None
     return Navec.load(str(path))
 
