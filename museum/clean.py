@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from museum.data.competition import LABEL_COLUMN, guid_image_paths, read_competition_csv, stratified_folds, stratified_split
+from museum.data.competition import LABEL_COLUMN, guid_image_paths, read_competition_csv, stratified_folds
 from museum.dedup import write_csv, write_csv_copy
 from museum.errors import MuseumError, load_failure
 from museum.extras import require
@@ -124,11 +124,8 @@ def _text_oof(texts: list[str], y: np.ndarray, classes: list[str], splits, seed:
             from museum.config import TextConfig
             from museum.text.model import TextModel
 
-            # TextModel stops early on a validation set: carve it out of this fold's training part.
-            fit_idx, val_idx = stratified_split(tr_labels, 0.15, seed + k)
-            model = TextModel(TextConfig(seed=seed + k)).fit(
-                [tr_texts[i] for i in fit_idx], [tr_labels[i] for i in fit_idx],
-                [tr_texts[i] for i in val_idx], [tr_labels[i] for i in val_idx], progress=False)
+            # TextModel stops early on a validation set: it carves a stratified 15 % out of this fold's training part.
+            model = TextModel(TextConfig(seed=seed + k, val_fraction=0.15)).fit(tr_texts, tr_labels, progress=False)
         else:
             model = TfidfExpert(seed=seed + k).fit(tr_texts, tr_labels)
         cols = [classes.index(c) for c in model.classes_]  # a class may be absent from a fold's text rows
