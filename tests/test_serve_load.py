@@ -261,6 +261,36 @@ def test_a_burst_gets_answers_never_resets(live, photo):
     assert all(json.loads(a[2])["typology"] for a in ok)
 
 
+def test_hundreds_of_idle_connections_lock_nobody_out(live):
+    """uvicorn's old limit (64) counted idle sockets: 300 open ones, 50 of them kept alive after an
+    answer, must leave /health and /predict answering at once."""
+    idle = [socket.create_connection(("127.0.0.1", live), timeout=5) for _ in range(300)]
+    try:
+        for s in idle[:50]:  # a keep-alive client that got its answer and stays connected
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        start = time.perf_counter()
+        assert exchange(live, "GET", "/health")[0] == 200
+        assert time.perf_counter() - start < 1.0
+        body, content_type = multipart({"description": DESCRIPTION.encode()})
+        status, _, answer = exchange(live, "POST", "/predict", body, content_type)
+        assert status == 200, answer
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_open_files_limit_is_raised_toward_the_hard_limit():
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    code = "from museum.serve.connections import raise_open_files_limit; print(raise_open_files_limit())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    assert int(out.stdout) == want, out.stderr
+
+
 def test_slow_and_idle_connections_are_closed_and_health_stays_fast(live):
     """30 sockets send a head a byte at a time, 10 send nothing: all are closed past the 1 s deadline,
     and /health answers within 1 s throughout."""

@@ -28,12 +28,12 @@ def run_server(text_dir: Path | None, image_dir: Path | None, host: str = "127.0
     """Load the models once and serve until Ctrl-C."""
     import uvicorn
 
+    from museum.serve.connections import BACKLOG, head_timeout_protocol, raise_open_files_limit
+
     _check_port_free(host, port)  # before loading the models, not after uvicorn's multi-line error
     app = create_app(text_dir, image_dir, device, settings_file, limits)
     if not _is_loopback(host):
         logger.warning(f"--host {host}: the server is reachable from other machines; it has no login")
-    from museum.serve.connections import BACKLOG, head_timeout_protocol, raise_open_files_limit
-
     raise_open_files_limit()  # one descriptor per connection: let a thousand in
     logger.info(f"serving on http://{host}:{port} (Ctrl-C stops)")
     # No limit_concurrency: it counts idle and half-sent connections too, so slow clients locked

@@ -98,7 +98,7 @@ class Jobs:
                 raise Busy("the server is stopping; retry once it is back", RETRY_AFTER_S)
             if len(self.tickets) >= self.max_jobs or (self.tickets and used + nbytes > self.max_bytes):
                 raise Busy(f"submission queue full ({len(self.tickets)} CSV(s), {used / MB:.1f} MB pending; "
-                           f"limits {self.max_jobs} CSVs and {self.max_bytes // MB} MB); retry later", RETRY_AFTER_S)
+                           f"limits {self.max_jobs} CSVs and {self.max_bytes / MB:.1f} MB); retry later", RETRY_AFTER_S)
             ticket = Ticket(nbytes)
             self.tickets.add(ticket)
             return ticket
@@ -129,6 +129,7 @@ class Jobs:
         job = Job(job_id, folder, total)
         with self.lock:
             ticket.nbytes, ticket.job = len(data), job
+            self.tickets.add(ticket)  # again, in case its request gave up (timed out) while we validated
             self.jobs[job_id] = job
             self._forget_old()
         self.queue.put((job, ticket))

@@ -113,7 +113,12 @@ class InferenceGate:
         finally:
             self.waiting -= 1
         self.running += 1
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn, *args)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn, *args)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            self.running -= 1
+            self._slots.release()
+            raise Busy("the server is stopping; retry once it is back", 10) from None
         future.add_done_callback(self._free)
         # shield: a request that times out stops waiting, the computation (and its slot) goes on.
         return await asyncio.shield(future)
