@@ -204,11 +204,11 @@ def _fit_text(data: _ExpertData, keep: np.ndarray, times: dict) -> object:
 
 
 def _fit_image(data: _ExpertData, keep: np.ndarray, times: dict) -> object:
-    from museum.image.model import ImageModel
+    from museum.image.train import fit_image_model
 
     rows = np.flatnonzero(keep)
-    with tempfile.TemporaryDirectory(prefix="museum-crossfit-") as tmp:
-        return ImageModel(data.config).fit([data.inputs[i] for i in rows], [data.labels[i] for i in rows], out=tmp)
+    with tempfile.TemporaryDirectory(prefix="museum-crossfit-") as tmp:  # checkpoints written while training
+        return fit_image_model(data.config, [data.inputs[i] for i in rows], [data.labels[i] for i in rows], out=tmp)
 
 
 def _fold_scores(data: _ExpertData, fold_rows: CompetitionTable, images: Path | None, classes: list[str],

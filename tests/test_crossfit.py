@@ -97,7 +97,7 @@ def _write(path, table, rows):
 def small_world(tmp_path_factory, multimodal_dir, museum_train_csv):
     """60 labelled multimodal rows; a text expert trained on museum/train.csv rows that include their
     descriptions; an image expert trained on those 60 photos and 40 others. Both folders with data.json."""
-    from museum.image.model import ImageModel
+    from museum.image.train import fit_image_model
     from museum.text.model import TextModel
     from museum.utils import write_json
 
@@ -118,7 +118,7 @@ def small_world(tmp_path_factory, multimodal_dir, museum_train_csv):
 
     items = list_competition_images(image_csv, multimodal_dir / "images")
     config = ImageConfig(**TINY_IMAGE)
-    ImageModel(config).fit(items.paths, items.labels, out=models / "image")
+    fit_image_model(config, items.paths, items.labels, out=models / "image")
     from museum.config import config_to_dict
 
     write_json(models / "image" / "config.json", config_to_dict(config))
@@ -149,6 +149,14 @@ def test_cross_fit_end_to_end_and_reuse(small_world, monkeypatch):
     assert oof.summary().startswith("cross-fit: 60 labelled rows, 2 folds")
     choice = oof.choose(FusionConfig(), fallback="живопись")
     assert choice.rows == 60 and "default" in choice.estimates and "stacker" in choice.skipped  # 5 of 12 classes
+    from museum.fusion import load_settings, rule_from_settings, save_fusion
+
+    settings = w["text"].parent / "fusion.json"
+    save_fusion(settings, choice, FusionConfig(fallback="живопись"), cross_fit=str(oof.path))
+    config, saved = load_settings(settings)
+    rule = rule_from_settings(saved, oof.classes, config)  # what submit / evaluate / serve will do
+    args = (oof.text_p, oof.image_p, oof.has_text, oof.has_image)
+    assert rule.combine(*args).pred.tolist() == choice.rule.combine(*args).pred.tolist()
 
     # A rerun trains nothing: the whole result, or each fold's file when the whole one is gone.
     def no_training(*args):
