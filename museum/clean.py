@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from museum.data.competition import LABEL_COLUMN, guid_image_paths, read_competition_csv, stratified_folds
-from museum.dedup import write_csv, write_csv_copy
 from museum.errors import MuseumError, load_failure
 from museum.extras import require
 from museum.log import logger
-from museum.utils import atomic_path, check_classes, output_folder, read_json, write_json
+from museum.utils import atomic_path, check_classes, output_folder, read_json, write_csv, write_csv_copy, write_json
 
 EXPERTS = ("fast", "full")
 ACTIONS = ("report", "drop", "relabel")
@@ -138,7 +137,7 @@ def _image_oof(paths: list[Path | None], y: np.ndarray, classes: list[str], spli
                cache_file: Path | None, embeddings: Path | None = None,
                source: Path | str = "the audit") -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, mask) from `train-image --head logreg` on cached stage embeddings; unreadable images are unscored."""
-    from museum.dedup import image_embeddings
+    from museum.image.embed import image_embeddings
     from museum.image.heads import fit_head
 
     feats, ok = image_embeddings(paths, cache_file, features="stages", given=embeddings)

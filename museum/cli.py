@@ -340,7 +340,8 @@ def train_image(
     from museum.config import ImageConfig
     from museum.image.embed import check_features
     from museum.image.heads import HEADS
-    from museum.image.train import BALANCE, train_image_model
+    from museum.image.train import BALANCE
+    from museum.train_image import train_image_model
 
     if epochs < 0:
         raise MuseumError(f"--epochs {epochs}: must be 0 (auto) or at least 1")

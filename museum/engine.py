@@ -28,6 +28,7 @@ from torch import nn
 from museum.errors import MuseumError, load_failure
 from museum.log import logger
 from museum.metrics import classification_metrics
+from museum.torchutil import inference_copy
 from museum.utils import atomic_path
 
 SUMMARY_FIELDS = ["epoch", "loss", "val_loss", "val_macro_f1", "val_accuracy", "lr", "seconds", "images_per_s"]
@@ -230,8 +231,6 @@ def predict_logits(model: nn.Module, batches: Batches, device: str,
     """Logits (float32, CPU) for every batch, in order; with `tta_flip` averaged with the mirrored image's.
 
     Runs a conv/batch-norm fused copy of `model` (`inference_copy`): half the CPU time, same logits."""
-    from museum.image.backbones import inference_copy
-
     model = inference_copy(model)
     out = []
     for images, _ in batches:

@@ -1,7 +1,8 @@
-"""Small helpers shared by every module: seeding, devices, atomic writes, JSON."""
+"""Small helpers shared by every module: seeding, devices, atomic writes, JSON and CSV."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import glob
 import json
@@ -10,7 +11,7 @@ import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -148,6 +149,31 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as pretty UTF-8 JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default), encoding="utf-8")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A UTF-8 CSV written atomically: `header`, then `rows`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return path
+
+
+def write_csv_copy(source: Path, target: Path, overwrite_error: str,
+                   select: Callable[[list[str], list[list[str]]], Iterable[Sequence]]) -> Path:
+    """`target`: the header of the CSV `source` and the rows `select(header, rows)` makes of its data rows.
+
+    The original rows are re-read so that any extra columns and their order survive unchanged (blank
+    lines skipped, as the competition reader does). Refuses, with `overwrite_error`, to write over `source`."""
+    if target.resolve() == source.resolve():
+        raise MuseumError(overwrite_error)
+    with open(source, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        rows = [r for r in reader if any(cell.strip() for cell in r)]
+    return write_csv(target, header, select(header, rows))
 
 
 def read_json(path: str | Path) -> Any:

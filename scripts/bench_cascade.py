@@ -2,7 +2,7 @@
 
 For each split seed:
 1. Split museum_multimodal into a held-out quarter and the rest, stratified and grouped: rows
-   sharing a normalised description or a near-duplicate photo (`museum.dedup.image_groups`)
+   sharing a normalised description or a near-duplicate photo (`museum.image.duplicates.image_groups`)
    fall on one side.
 2. Train the text expert on museum/train.csv minus every row whose description is held out
    (museum_multimodal's descriptions come from there), with museum/test.csv as unlabelled text;
@@ -58,7 +58,7 @@ def write_table(path: Path, table, idx) -> Path:
 
 def photo_groups(table, images: Path, cache: Path, device: str) -> list[dict]:
     """Near-duplicate photo groups among the rows (row indices), embeddings cached in `cache`."""
-    from museum.dedup import image_groups
+    from museum.image.duplicates import image_groups
 
     paths = [images / f"{g}.jpg" if is_safe_id(g) and (images / f"{g}.jpg").is_file() else None for g in table.guids]
     return image_groups(paths, cache_file=cache, device=device)
@@ -92,7 +92,7 @@ def train_experts(work: Path, table, rest, held, args, seed: int, timings: dict)
     if args.image_epochs:
         image_config = replace(image_config, epochs=args.image_epochs)
     if not (args.reuse and (image_dir / DATA_NAME).is_file()):
-        from museum.image.train import train_image_model
+        from museum.train_image import train_image_model
 
         start = time.perf_counter()
         train_image_model(image_config, args.images, image_dir, train_csv=image_csv)

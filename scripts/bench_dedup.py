@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from museum.data.images import list_image_folder, safe_open_image  # noqa: E402
-from museum.dedup import _finish, image_groups  # noqa: E402
+from museum.image.duplicates import finish_groups, image_groups  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "characters"
 
@@ -80,7 +80,7 @@ def main() -> None:
         results = {"set": args.set, "images": len(paths), "copies": args.copies, "seed": args.seed, "thresholds": {}}
         for n, t in enumerate(float(x) for x in args.thresholds.split(",")):
             start = time.perf_counter()
-            groups = _finish(image_groups(paths, t, cache, device="cpu"), None)
+            groups = finish_groups(image_groups(paths, t, cache, device="cpu"), None)
             seconds = time.perf_counter() - start
             found = pairs_of(groups)
             with_copy = {p for p in found if p[0] in copies or p[1] in copies}

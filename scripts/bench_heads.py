@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from museum.config import ImageConfig, config_to_dict  # noqa: E402
 from museum.image.embed import embed_folder  # noqa: E402
-from museum.image.train import train_image_model  # noqa: E402
+from museum.train_image import train_image_model  # noqa: E402
 from museum.log import setup_logging  # noqa: E402
 
 SHARED = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -45,7 +45,7 @@ from museum.engine import predict_logits, train_one_epoch  # noqa: E402
 from museum.image.augment import augment, normalize  # noqa: E402
 from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, head_parameter_names  # noqa: E402
 from museum.image.weights import PACKAGED, packaged_file  # noqa: E402
-from museum.image.train import train_image_model  # noqa: E402
+from museum.train_image import train_image_model  # noqa: E402
 from museum.log import setup_logging  # noqa: E402
 
 SHARED = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -16,6 +16,8 @@ from museum.image import backbones, weights
 from museum.image.augment import normalize
 from museum.image.model import ImageModel
 from museum.image.preprocess import eval_tensor
+from museum.image.train import fit_image_model
+from museum.torchutil import inference_copy
 
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 
@@ -202,7 +204,7 @@ def test_timm_backbone_trains_saves_and_reloads_with_its_preprocessing(character
     paths, labels = tiny_set(characters_dir)
     config = ImageConfig(backbone="tf_efficientnet_lite0", weights="imagenet", input_size=64, epochs=1, batch_size=8,
                          workers=0, threads=1, members=1, seed=0)
-    model = ImageModel(config).fit(paths, labels, out=tmp_path / "run")
+    model = fit_image_model(config, paths, labels, out=tmp_path / "run")
     assert model.mean == [0.5, 0.5, 0.5] and model.preprocess["interpolation"] == "bicubic"
     model.save(tmp_path / "model")
     images = [Image.open(p).convert("RGB") for p in paths[::4]]
@@ -242,7 +244,7 @@ def randomise_norms(net: torch.nn.Module) -> torch.nn.Module:
 def test_folded_copy_gives_the_plain_models_outputs(name):
     torch.manual_seed(0)
     net = randomise_norms(backbones.build_backbone(name, 3, "none", input_size=64)[0]).train()
-    fused = backbones.inference_copy(net)
+    fused = inference_copy(net)
     assert net.training, "the original keeps its mode"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     x = torch.rand(2, 3, 64, 64)
@@ -265,7 +267,7 @@ class SharedConvOutput(torch.nn.Module):
 def test_folding_that_would_change_outputs_is_given_up():
     torch.manual_seed(0)
     net = randomise_norms(SharedConvOutput()).eval()
-    fused = backbones.inference_copy(net)
+    fused = inference_copy(net)
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net(x))
@@ -279,7 +281,7 @@ def test_stage_features_of_a_timm_model():
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         features = extractor.eval()(x)
-        fused = backbones.inference_copy(extractor)(x)
+        fused = inference_copy(extractor)(x)
     channels = [16, 24, 40, 112, 320]  # the stages' widths: [mean ; max] of each, then a 4×4×4 histogram
     assert features.shape == (2, 2 * sum(channels) + 64)
     torch.testing.assert_close(fused, features, rtol=1e-4, atol=1e-4)

@@ -29,8 +29,9 @@ from museum.data.competition import guid_image_paths, read_competition_csv
 from museum.data.files import file_problem
 from museum.data.images import (ImageDecodeError, list_competition_images, list_image_folder, probe_median_side,
                                 safe_open_image)
-from museum.dedup import file_hash, load_dedup_items
+from museum.dedup import load_dedup_items
 from museum.errors import MuseumError
+from museum.image.duplicates import file_hash
 from museum.reports.eda import read_labels, scan_images
 
 FIFO = "not a regular file (FIFO)"

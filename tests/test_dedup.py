@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from browser import open_in_chromium
 from museum.cli import app
 from museum.data.images import safe_open_image
-from museum.dedup import leak_free_split, run_dedup, similar_pairs, split_leaks, text_groups
+from museum.data.competition import leak_free_split, split_leaks, text_groups
+from museum.dedup import run_dedup
+from museum.image.duplicates import similar_pairs
 
 
 def _rows(path: Path) -> list[dict]:
@@ -158,7 +160,7 @@ def test_dedup_and_clean_read_an_embed_file(tmp_path, characters_dir):
 def test_crop_hash_confirms_a_cropped_copy_the_embedding_is_unsure_of(characters_dir):
     """A 6 %-per-side crop hashes like its original at some crop ratio, an unrelated image does not; the
     hash admits a pair only above the cosine floor, so the rule is `cosine ≥ T or (cosine ≥ floor and hash close)`."""
-    from museum.dedup import crop_hashes, hash_distance
+    from museum.image.duplicates import crop_hashes, hash_distance
 
     a, b = sorted((characters_dir / "simpsons_small" / "bart").glob("*.jpg"))[:2]
     img = safe_open_image(a)
@@ -178,8 +180,8 @@ def test_crop_hash_confirms_a_cropped_copy_the_embedding_is_unsure_of(characters
 def test_train_image_dedup_split_keeps_copies_on_one_side(characters_dir, tmp_path):
     """`train-image --dedup-split`: exact copies never straddle the train/validation split."""
     from museum.config import ImageConfig
-    from museum.dedup import image_groups, split_leaks
-    from museum.image.train import split_train_val
+    from museum.image.duplicates import image_groups
+    from museum.image.validation import split_train_val
 
     paths, labels = [], []
     for name in ("bart", "homer"):

@@ -24,7 +24,9 @@ from museum.config import ImageConfig
 from museum.errors import MuseumError
 from museum.image import backbones
 from museum.image.model import ImageModel
-from museum.image.train import train_image_model
+from museum.image.train import fit_image_model
+from museum.torchutil import inference_copy
+from museum.train_image import train_image_model
 
 TINY = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=8, workers=0, threads=1, freeze_epochs=0, members=1)
 
@@ -206,7 +208,7 @@ def test_members_are_averaged_saved_and_resumed(tiny_folder, tmp_path, monkeypat
     resumed = train_image_model(config, tiny_folder, tmp_path / "killed", resume=True)
     np.testing.assert_allclose(resumed.predict_proba(images), full.predict_proba(images), atol=1e-6)
     with pytest.raises(MuseumError, match="only fine-tuning"):
-        ImageModel(replace(config, head="logreg")).fit([Path("a.jpg"), Path("b.jpg")], ["x", "y"])
+        fit_image_model(replace(config, head="logreg"), [Path("a.jpg"), Path("b.jpg")], ["x", "y"])
 
 
 def test_competition_layout_trains(multimodal_dir, tmp_path):
@@ -371,7 +373,7 @@ def test_inference_copy_folds_batch_norm_without_changing_outputs(name):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     net.train()
-    fused = backbones.inference_copy(net)
+    fused = inference_copy(net)
     assert net.training, "the original keeps its mode"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     x = torch.rand(2, 3, 64, 64)

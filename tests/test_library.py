@@ -179,7 +179,7 @@ def test_loaded_text_model_takes_a_series_with_nan(text_model_dir):
 def image_model_dir(tmp_path_factory, multimodal_dir) -> Path:
     """A tiny but real image model: 120 multimodal photos, 32 px, one epoch, no pretrained weights."""
     from museum.config import ImageConfig
-    from museum.image.train import train_image_model
+    from museum.train_image import train_image_model
 
     root = tmp_path_factory.mktemp("image")
     rows = pd.read_csv(multimodal_dir / "train.csv").iloc[100:220]

@@ -26,7 +26,7 @@ from museum.cli import app
 from museum.config import ImageConfig, TextConfig
 from museum.errors import MuseumError
 from museum.image.model import ImageModel
-from museum.image.train import train_image_model
+from museum.train_image import train_image_model
 from museum.text.model import TextModel
 from museum.utils import write_json
 
@@ -207,7 +207,7 @@ def test_image_run_failing_at_publish_keeps_old_model_and_resumes(tiny_folder, t
 
         def full_disk(*args, **kwargs):
             raise MuseumError(f"{out}: cannot write there (No space left on device, the disk is full); free some space")
-        m.setattr("museum.image.train.publish", full_disk)
+        m.setattr("museum.train_image.publish", full_disk)
         with pytest.raises(MuseumError, match="disk is full"):
             train_image_model(replace(TINY_IMAGE, seed=5), tiny_folder, out)
         assert real is folders.publish

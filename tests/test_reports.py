@@ -28,7 +28,7 @@ from museum.utils import read_json, write_json
 @pytest.fixture(scope="session")
 def image_run(tmp_path_factory, characters_dir) -> Path:
     """A real one-epoch train-image run folder on simpsons_small (64 px to stay quick; 3 networks, as auto picks for 259 images)."""
-    from museum.image.train import train_image_model
+    from museum.train_image import train_image_model
 
     out = tmp_path_factory.mktemp("image_run")
     train_image_model(ImageConfig(epochs=1, input_size=64, workers=1), characters_dir / "simpsons_small", out)

@@ -228,7 +228,7 @@ def multimodal_parts(tmp_path_factory, multimodal_dir) -> tuple[Path, Path, list
 def image_model_dir(tmp_path_factory, multimodal_dir, multimodal_parts) -> Path:
     """A tiny but real image model: 200 multimodal images, 32 px, one epoch, no pretrained weights."""
     from museum.config import ImageConfig
-    from museum.image.train import train_image_model
+    from museum.train_image import train_image_model
 
     out = tmp_path_factory.mktemp("image") / "model"
     config = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=16, workers=0, threads=1, freeze_epochs=0)

@@ -1,6 +1,7 @@
-"""Read and validate competition CSVs (`guid,description,typology`) and split them.
+"""Read and validate competition CSVs (`guid,description,typology`), group duplicate descriptions, split rows.
 
-Errors name the file, the line and the field, and say what to do; they are raised as
+Splits are seeded and stratified; `leak_free_split` also keeps each duplicate group (of descriptions,
+here, or of images, `museum.image.duplicates`) on one side. Errors name the file, the line and the field, and say what to do; they are raised as
 `MuseumError`, which the CLI prints on one line.
 """
 
@@ -12,7 +13,7 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -224,6 +225,19 @@ def normalise_description(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def text_groups(texts: Sequence[str], labels: Sequence[str] | None = None) -> list[dict]:
+    """Rows whose descriptions are equal after normalisation, as duplicate groups (dicts with `members`);
+    `conflicting` when they carry more than one label."""
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        key = normalise_description(text)
+        if key:
+            rows_of[key].append(i)
+    return [{"kind": "text", "members": rows, "similarity": 1.0,
+             "conflicting": labels is not None and len({labels[i] for i in rows}) > 1}
+            for rows in rows_of.values() if len(rows) > 1]
+
+
 def conflicting_descriptions(table: CompetitionTable) -> tuple[int, int]:
     """(number of distinct non-empty descriptions with >1 label, rows they cover)."""
     labels_of: dict[str, set[str]] = defaultdict(set)
@@ -275,3 +289,27 @@ def stratified_folds(labels: list[str], n_folds: int = 5, seed: int = 0) -> list
         raise MuseumError(f"{n_folds}-fold CV: classes with fewer than {n_folds} rows: {', '.join(rare[:10])}; {hint}")
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return list(skf.split(np.zeros(len(y)), y))
+
+
+def split_leaks(groups: Iterable, train_idx: Sequence[int], val_idx: Sequence[int]) -> list[list[int]]:
+    """Groups (lists of row indices, or dicts with `members`) that have rows in both train and validation."""
+    train, val = set(map(int, train_idx)), set(map(int, val_idx))
+    leaks = []
+    for g in groups:
+        members = [int(i) for i in (g["members"] if isinstance(g, dict) else g)]
+        if any(i in train for i in members) and any(i in val for i in members):
+            leaks.append(members)
+    return leaks
+
+
+def leak_free_split(labels: Sequence[str], groups: Iterable, val_fraction: float = 0.2,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`stratified_split`, then each straddling group moved whole to the side most of it fell on (train on ties).
+
+    The split stays stratified up to the few moved rows, and `split_leaks` of the result is empty."""
+    train_idx, val_idx = stratified_split(list(labels), val_fraction, seed)
+    side = np.zeros(len(labels), dtype=bool)  # True = validation
+    side[val_idx] = True
+    for members in split_leaks(groups, train_idx, val_idx):
+        side[members] = side[members].sum() * 2 > len(members)
+    return np.flatnonzero(~side), np.flatnonzero(side)

@@ -7,7 +7,10 @@ missing, empty, truncated, non-image and oversized files, and anything that is n
 or hanging; the dataset readers skip such files and count them by reason.
 
 `decode_cache` turns a list of paths into one uint8 tensor (N, 3, S, S), decoded and
-resized once (in DataLoader workers) so that every later epoch only does tensor work.
+resized once (in DataLoader workers) so that every later epoch only does tensor work. The
+resize uses the backbone's pretrained interpolation (bilinear for torchvision's, bicubic for
+most of timm's), the same one at training, embedding and prediction; the on-disk cache keys
+on it with the size.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ NAMED_FAILURES = 5  # unreadable images named in the log at the default level
 MAX_FILE_BYTES = 200 * 1024 * 1024
 # Never decode a truncated JPEG into grey garbage: it must be reported as broken.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PIL filters by the names pretrained configs give (`interpolation` of timm's and torchvision's weights).
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
 class ImageDecodeError(MuseumError):
@@ -128,10 +134,18 @@ def safe_open_image(path: str | Path, draft: int | None = None) -> Image.Image:
     return decode_bytes(read_bytes(path), path, draft)
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB image squashed to size x size, as uint8 (3, size, size); the whole frame is kept."""
+def resample_filter(interpolation: str) -> int:
+    """The PIL filter named `interpolation` (a `RESAMPLE` key), or one MuseumError line."""
+    try:
+        return RESAMPLE[interpolation]
+    except KeyError:
+        raise MuseumError(f"interpolation {interpolation!r}: expected one of {', '.join(RESAMPLE)}") from None
+
+
+def image_to_tensor(img: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """RGB image squashed to size x size with `interpolation`, as uint8 (3, size, size); the whole frame is kept."""
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+        img = img.resize((size, size), resample_filter(interpolation), reducing_gap=3.0)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -241,11 +255,13 @@ class DecodeDataset(torch.utils.data.Dataset):
     """Paths → (uint8 tensor (3, S, S) or None, failure reason) through the safe decoder.
 
     With `cache_dir`, decoded arrays are also kept on disk keyed by the file's content
-    hash and the size, so a second run (or another process) skips the decoding.
+    hash, the size and the interpolation, so a second run (or another process) skips the decoding.
     """
 
-    def __init__(self, paths: list[Path | None], size: int, cache_dir: Path | None = None):
-        self.paths, self.size, self.cache_dir = paths, size, cache_dir
+    def __init__(self, paths: list[Path | None], size: int, cache_dir: Path | None = None,
+                 interpolation: str = "bilinear"):
+        resample_filter(interpolation)  # an unknown name fails here, not in every worker
+        self.paths, self.size, self.cache_dir, self.interpolation = paths, size, cache_dir, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -259,13 +275,15 @@ class DecodeDataset(torch.utils.data.Dataset):
             cached = None
             if self.cache_dir is not None and data:
                 key = hashlib.sha1(data).hexdigest()
-                cached = self.cache_dir / key[:2] / f"{key}_{self.size}.npy"
+                # Bilinear entries keep the name they had before other interpolations came in.
+                method = "" if self.interpolation == "bilinear" else f"_{self.interpolation}"
+                cached = self.cache_dir / key[:2] / f"{key}_{self.size}{method}.npy"
                 if cached.exists():
                     try:
                         return i, torch.from_numpy(np.load(cached)), ""
                     except (OSError, ValueError):  # a damaged cache entry is just re-decoded
                         pass
-            tensor = image_to_tensor(decode_bytes(data, path, draft=self.size), self.size)
+            tensor = image_to_tensor(decode_bytes(data, path, draft=self.size), self.size, self.interpolation)
             if cached is not None:
                 _save_npy(cached, tensor.numpy())
             return i, tensor, ""
@@ -287,17 +305,17 @@ def _collate(batch):
 
 
 def decode_loader(paths: list[Path | None], size: int, batch_size: int = 64, num_workers: int = 2,
-                  cache_dir: Path | None = None) -> torch.utils.data.DataLoader:
+                  cache_dir: Path | None = None, interpolation: str = "bilinear") -> torch.utils.data.DataLoader:
     """A DataLoader yielding lists of (index, tensor or None, reason), decoded in workers."""
     return torch.utils.data.DataLoader(
-        DecodeDataset(paths, size, cache_dir), batch_size=batch_size, shuffle=False,
+        DecodeDataset(paths, size, cache_dir, interpolation), batch_size=batch_size, shuffle=False,
         num_workers=min(num_workers, max(0, len(paths) // batch_size)), collate_fn=_collate,
         persistent_workers=False,
     )
 
 
 def decode_cache(paths: list[Path | None], size: int, num_workers: int = 2, cache_dir: Path | None = None,
-                 progress: bool = False) -> tuple[torch.Tensor, np.ndarray, Counter]:
+                 progress: bool = False, interpolation: str = "bilinear") -> tuple[torch.Tensor, np.ndarray, Counter]:
     """Decode and resize every image once: (uint8 (N, 3, S, S), ok mask (N,), failures by reason).
 
     Rows that failed are left black; use the mask to drop them.
@@ -307,7 +325,7 @@ def decode_cache(paths: list[Path | None], size: int, num_workers: int = 2, cach
     out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     failures: Counter = Counter()
-    loader = decode_loader(paths, size, num_workers=num_workers, cache_dir=cache_dir)
+    loader = decode_loader(paths, size, num_workers=num_workers, cache_dir=cache_dir, interpolation=interpolation)
     with tqdm(total=len(paths), unit="img", desc="decode", disable=None if progress else True, leave=False) as bar:
         for batch in loader:
             for i, tensor, reason in batch:

@@ -1,21 +1,24 @@
 """Backbone features ("embeddings"), computed once per image set and kept in one file.
 
-`museum embed` and `train-image --head` both go through `load_or_embed`: images are decoded
-once (the same safe decoder and optional on-disk decode cache as fine-tuning), pushed through
-the ImageNet backbone with its classifier removed, and the vectors are written to an `.npz`
-with the labels, paths, backbone, input size and normalisation that made them. The file
-carries a key over those settings and every file's size and mtime, so a second call with
+`museum embed`, `train-image --head`, `dedup` and `clean` all go through `load_or_embed`: images
+are decoded once (the same safe decoder, interpolation and optional on-disk decode cache as
+fine-tuning), pushed through the pretrained backbone (`backbones.create_backbone`, the model
+factory fine-tuning uses) with its classifier removed and its own preprocessing (mean/std,
+interpolation: 0.5/0.5 and bicubic for the EfficientNet-Lites), and the vectors are written to
+an `.npz` with the labels, paths, backbone, input size and preprocessing that made them. The
+file carries a key over those settings and every file's size and mtime, so a second call with
 the same data is answered from the file without loading a network.
 
 Two kinds of features (`FEATURES`):
 - ``pooled``: the backbone's final pooled vector (what the classifier sees). Near-duplicate
   search uses these: copies of one picture agree on them exactly where it matters.
 - ``stages``: [mean ; max] pooled outputs of the trunk's last five stages plus a 4×4×4 RGB
-  colour histogram (the default for heads). The final ImageNet vector is nearly colour-blind
-  and object-level, while characters differ in hair colour and drawing detail that live in
-  the middle stages: on the 80/20 splits a logistic head went 0.868 → 0.920 on simpsons_small,
-  0.921 → 0.944 on quintuplets_faces and 0.567 → 0.718 on simpsons_mnist. Backbones without
-  a `features` trunk (ResNets) fall back to ``pooled``.
+  colour histogram (the default for heads; `backbones.stage_extractor`). The final ImageNet
+  vector is nearly colour-blind and object-level, while characters differ in hair colour and
+  drawing detail that live in the middle stages: on the 80/20 splits a logistic head went
+  0.868 → 0.920 on simpsons_small, 0.921 → 0.944 on quintuplets_faces and 0.567 → 0.718 on
+  simpsons_mnist (MobileNetV2). torchvision's `features` trunks and timm models (through
+  `forward_intermediates`) have stages; torchvision's ResNets fall back to ``pooled``.
 """
 
 from __future__ import annotations
@@ -27,17 +30,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from museum.errors import MuseumError, load_failure
 from museum.log import logger
-from museum.utils import atomic_path
+from museum.utils import atomic_path, resolve_device
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+# torch, torchvision, timm and the decoder are imported where a network is built or images are
+# decoded: an up-to-date embeddings file is answered without them.
 
 EMBED_FORMAT = "museum-embeddings/2"
 FEATURES = ("stages", "pooled")
@@ -53,7 +59,7 @@ class Embeddings:
     features: np.ndarray  # (n, d) float32, raw features (heads standardise them)
     labels: list[str]
     paths: list[str]  # resolved paths, the lookup key for reuse
-    meta: dict = field(default_factory=dict)  # backbone, weights, input_size, mean, std, key
+    meta: dict = field(default_factory=dict)  # backbone, weights, input_size, mean, std, interpolation, key
 
     def rows(self, paths) -> np.ndarray:
         """Row index of each of `paths` in this file; -1 for a path without a row (it was unreadable)."""
@@ -82,29 +88,33 @@ def check_features(kind: str, option: str = "--features") -> str:
 def head_extractor(net: "nn.Module", features: str, mean, std) -> tuple["nn.Module", str]:
     """(module returning feature vectors, the kind actually used) for a classifier network.
 
-    `stages` needs a `features` trunk (MobileNet, EfficientNet, ConvNeXt…); other backbones get `pooled`.
-    """
-    from torch import nn
-
-    from museum.image.backbones import StageFeatures, stage_ends
+    `stages` needs stages to tap (`backbones.stage_extractor`: a torchvision `features` trunk or a
+    timm model); other backbones (torchvision's ResNets) get `pooled`. `mean`/`std` are the
+    backbone's normalisation, which the colour histogram undoes."""
+    from museum.image.backbones import stage_extractor
 
     check_features(features)
-    trunk = getattr(net, "features", None)
-    if features == "stages" and isinstance(trunk, nn.Sequential) and len(trunk) > 1:
-        return StageFeatures(trunk, stage_ends(trunk)[-STAGES:], mean, std, HIST_BINS), "stages"
+    if features == "stages":
+        stages = stage_extractor(net, mean, std, STAGES, HIST_BINS)
+        if stages is not None:
+            return stages, "stages"
     return feature_extractor(net), "pooled"
 
 
-def build_extractor(backbone: str, weights: str, features: str = "pooled", mean=None, std=None) -> tuple["nn.Module", str, str]:
-    """(pretrained feature extractor, where its weights came from, the feature kind it returns)."""
-    from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+def build_extractor(backbone: str, weights: str, features: str = "pooled", mean=None, std=None,
+                    input_size: int | None = None) -> tuple["nn.Module", str, str]:
+    """(pretrained feature extractor, where its weights came from, the feature kind it returns).
+
+    `mean`/`std` default to the backbone's own; `input_size` builds fixed-size models (ViT) for it."""
+    from museum.image.backbones import create_backbone
 
     if weights == "none":
         # Random features make every head a coin toss: refuse rather than train on noise.
         raise MuseumError("--weights none: embedding heads need pretrained weights; use --weights imagenet or a .pth file")
-    net, source = build_backbone(backbone, 1, weights)
-    extractor, kind = head_extractor(net, features, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-    return extractor.eval(), source, kind
+    built = create_backbone(backbone, 1, weights, input_size)
+    extractor, kind = head_extractor(built.module, features, mean or built.preprocess["mean"],
+                                     std or built.preprocess["std"])
+    return extractor.eval(), built.source, kind
 
 
 def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: str = "cpu", batch_size: int = 64,
@@ -116,7 +126,7 @@ def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: s
     from tqdm import tqdm
 
     from museum.image.augment import normalize
-    from museum.image.backbones import inference_copy
+    from museum.torchutil import inference_copy
 
     net = inference_copy(net).to(device)
     mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
@@ -151,19 +161,13 @@ def data_key(paths, spec: dict) -> str:
     return h.hexdigest()
 
 
-def embed_spec(backbone: str, weights: str, input_size: int, mean, std, tta: bool = True, features: str = "pooled") -> dict:
+def embed_spec(backbone: str, weights: str, input_size: int, preprocess: dict, tta: bool = True,
+               features: str = "pooled") -> dict:
+    """What makes a set of features: the network, its input size and `preprocess` (the backbone's
+    mean, std and interpolation, `backbones.backbone_preprocess`), mirror averaging and the feature kind."""
     return {"format": EMBED_FORMAT, "backbone": backbone, "weights": weights, "input_size": int(input_size),
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "tta": bool(tta), "features": features}
-
-
-def resolve_input_size(input_size: int, paths, seed: int = 0) -> int:
-    """`--input-size 0` means what fine-tuning would use on these images (64 px thumbnails, else 160)."""
-    if input_size:
-        return input_size
-    from museum.data.images import probe_median_side
-    from museum.image.train import auto_input_size
-
-    return auto_input_size(probe_median_side(list(paths), seed=seed))
+            "mean": [float(m) for m in preprocess["mean"]], "std": [float(s) for s in preprocess["std"]],
+            "interpolation": str(preprocess.get("interpolation", "bilinear")), "tta": bool(tta), "features": features}
 
 
 def save_embeddings(emb: Embeddings, path: str | Path) -> Path:
@@ -199,7 +203,8 @@ def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: 
 
     start = time.perf_counter()
     if net is None:
-        net, source, kind = build_extractor(spec["backbone"], spec["weights"], spec["features"], spec["mean"], spec["std"])
+        net, source, kind = build_extractor(spec["backbone"], spec["weights"], spec["features"], spec["mean"], spec["std"],
+                                            spec["input_size"])
         logger.info(f"embedding {len(paths)} images with {spec['backbone']} ({source}, {kind} features) "
                     f"at {spec['input_size']} px")
     paths = list(paths)
@@ -208,7 +213,8 @@ def compute_embeddings(paths, labels, spec: dict, device: str = "cpu", workers: 
     # (EMBED_CHUNK images) however many there are; only the feature rows accumulate.
     for first in range(0, len(paths), EMBED_CHUNK):
         cache, ok, failed = decode_cache(paths[first:first + EMBED_CHUNK], spec["input_size"], workers or default_workers(),
-                                         Path(cache_dir) if cache_dir else None, progress=True)
+                                         Path(cache_dir) if cache_dir else None, progress=True,
+                                         interpolation=spec.get("interpolation", "bilinear"))
         failures.update(failed)
         keep = np.flatnonzero(ok)
         if len(keep):
@@ -263,18 +269,64 @@ def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbon
     if train_csv is not None and items.skipped:  # the folder listing warns by itself
         logger.warning(f"{train_csv}: skipped {sum(items.skipped.values())} row(s): {skipped_text(items.skipped)}")
     check_features(features)
+    # "preprocess": files written before embeddings took the backbone's own preprocessing are remade.
     request = {"backbone": backbone, "weights": weights, "input_size": input_size, "tta": tta, "seed": seed,
-               "features": features}
+               "features": features, "preprocess": "backbone"}
     request_key = data_key(items.paths, request)
     if Path(out).is_file():
         saved = load_embeddings(out)
         if saved.meta.get("request_key") == request_key:
             logger.info(f"embeddings: {out} is up to date")
             return saved
-    from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD
-    from museum.utils import resolve_device
+    from museum.image.backbones import backbone_preprocess
+    from museum.image.preprocess import resolve_input_size
 
-    spec = embed_spec(backbone, weights, resolve_input_size(input_size, items.paths, seed), IMAGENET_MEAN, IMAGENET_STD,
+    spec = embed_spec(backbone, weights, resolve_input_size(input_size, items.paths, seed), backbone_preprocess(backbone),
                       tta, features)
     return load_or_embed(items.paths, items.labels, spec, out, extra={"request_key": request_key},
                          device=resolve_device(device), workers=workers, cache_dir=cache_dir)
+
+
+# Near duplicates are found on pooled MobileNetV2 features: the thresholds of `museum.image.duplicates`
+# were chosen on them.
+DUPLICATE_BACKBONE = "mobilenet_v2"
+
+
+def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = None, device: str = "auto",
+                     input_size: int = 0, features: str = "pooled",
+                     given: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised float32 embeddings (n, d), readable mask) of `paths` (None: no image), one
+    `DUPLICATE_BACKBONE` pass cached in `cache_file`.
+
+    `given`: a file written by `museum embed` to read rows from instead (never rewritten); it must
+    hold `features`."""
+    from museum.image.backbones import backbone_preprocess
+    from museum.image.preprocess import resolve_input_size
+
+    present = [Path(p) for p in paths if p is not None]
+    if not present:
+        return np.zeros((len(paths), 1), dtype=np.float32), np.zeros(len(paths), dtype=bool)
+    if given is not None:
+        emb = load_embeddings(given)
+        if emb.meta.get("features") != features:
+            raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('features')} features, this needs {features}; "
+                              f"write them with `museum embed --features {features}`")
+    else:
+        spec = embed_spec(DUPLICATE_BACKBONE, "imagenet", resolve_input_size(input_size, present),
+                          backbone_preprocess(DUPLICATE_BACKBONE), features=features)
+        emb = load_or_embed(present, [""] * len(present), spec, cache_file, device=resolve_device(device))
+    found = emb.rows([p if p is not None else "\0" for p in paths])
+    rows = np.array([-1 if p is None else r for p, r in zip(paths, found)], dtype=np.int64)
+    if given is not None:
+        missing = sum(1 for p, r in zip(paths, rows) if p is not None and r < 0)
+        if missing == len(present):
+            raise MuseumError(f"--embeddings {given}: none of these {len(present)} images is in it; "
+                              "embed this folder (museum embed) or drop --embeddings")
+        if missing:
+            logger.warning(f"--embeddings {given}: {missing} of {len(present)} images have no row (unreadable when "
+                           "it was written, or not in it); they are left out")
+    ok = rows >= 0
+    feats = np.zeros((len(paths), emb.features.shape[1]), dtype=np.float32)
+    feats[ok] = emb.features[rows[ok]]
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats, ok

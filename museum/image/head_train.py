@@ -1,4 +1,7 @@
-"""`ImageModel.fit` for `--head logreg|svm|mlp|knn`: embed once, search the head, validate.
+"""Train `--head logreg|svm|mlp|knn`: embed once, search the head, validate; returns an `ImageModel` of kind head.
+
+The backbone, its preprocessing (mean/std, interpolation) and its stage features come from the
+same model factory as fine-tuning (`ImageModel.build`, `museum.image.backbones`).
 
 The split, input size and metrics.json layout are those of fine-tuning, so the two are
 compared on the same rows and the run folder reads the same to `report`, `evaluate` and
@@ -14,19 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from museum.config import ImageConfig
 from museum.errors import MuseumError
+from museum.image.embed import embed_spec, load_or_embed
+from museum.image.heads import HEADS, describe, fit_head
+from museum.image.model import ImageModel
+from museum.image.preprocess import resolve_input_size
+from museum.image.validation import split_train_val, val_prediction_rows
 from museum.log import logger
 from museum.metrics import classification_metrics
 from museum.utils import resolve_device, seed_everything
 
 
-def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[Path] | None,
-                   val_labels: list[str] | None, out: str | Path | None = None, resume: bool = False):
-    from museum.image.embed import embed_spec, load_or_embed, resolve_input_size
-    from museum.image.heads import HEADS, describe, fit_head
-    from museum.image.train import split_train_val, val_prediction_rows
-
-    config = model.config
+def fit_head_model(config: ImageConfig, paths: list[Path], labels: list[str], val_paths: list[Path] | None = None,
+                   val_labels: list[str] | None = None, out: str | Path | None = None) -> ImageModel:
+    """A head on frozen `config.head_features` of the pretrained `config.backbone`, validated on the
+    split fine-tuning would use; with `out`, its files (best.pt, head.npz, head.json) are written there."""
+    model = ImageModel(config)
     if config.head not in HEADS[1:]:
         raise MuseumError(f"--head {config.head}: expected one of {', '.join(HEADS)}")
     if not paths:
@@ -45,14 +52,14 @@ def fit_head_model(model, paths: list[Path], labels: list[str], val_paths: list[
     unknown = sorted(set(val_labels) - set(classes))
     if unknown:
         raise MuseumError(f"validation classes not in training: {', '.join(unknown[:5])}; give --val the same class folders")
-    size = config.input_size or resolve_input_size(0, paths, config.seed)
+    size = resolve_input_size(config.input_size, paths, config.seed)
     source = model.build(classes, size, config.weights, head=True)
     model.device = resolve_device(config.device)
     logger.info(f"{config.backbone} ({source}) {model.features} features + {config.head} head, {len(classes)} classes, {size} px, "
                 f"{len(paths)} train / {len(val_paths)} validation images")
 
     # One embedding pass (and one cache file) for training and validation rows together.
-    spec = embed_spec(config.backbone, config.weights, size, model.mean, model.std, config.tta, config.head_features)
+    spec = embed_spec(config.backbone, config.weights, size, model.preprocess, config.tta, model.features)
     emb = load_or_embed(list(paths) + list(val_paths), list(labels) + val_labels, spec, config.embeddings,
                         device=model.device, workers=config.workers, cache_dir=config.cache_dir, net=model.net)
     col = {c: i for i, c in enumerate(classes)}

@@ -1,9 +1,13 @@
-"""`ImageModel`: a fine-tuned torchvision CNN with a scikit-learn-like interface.
+"""`ImageModel`: a trained image classifier, for inference only.
 
-`fit(paths, labels)` trains (see `museum.image.train`), `predict_proba(images)` scores PIL
-images, uint8 arrays or files, `predict_paths(paths)` decodes files through the safe decoder in DataLoader
-workers, and `save`/`load` use one self-describing checkpoint, `best.pt`.
-`classes_` fixes the column order of every probability matrix.
+It is one of two kinds (`kind`): a fine-tuned classifier network (``finetuned``, with any
+`members` averaged in), or a scikit-learn head on a frozen feature extractor (``head``).
+The trainers make them (`museum.image.train.fit_image_model`: fine-tuning there, heads in
+`museum.image.head_train`) and `load` rebuilds them; neither kind trains itself.
+`predict_proba(images)` scores PIL images, uint8 arrays or files, `predict_paths(paths)` decodes
+files through the safe decoder in DataLoader workers (with the backbone's interpolation), and
+`save`/`load` use one self-describing checkpoint, `best.pt`. `classes_` fixes the column order
+of every probability matrix.
 """
 
 from __future__ import annotations
@@ -18,25 +22,33 @@ from PIL import Image
 from museum import __version__
 from museum.config import ImageConfig, config_from_dict, config_to_dict
 from museum.data.images import decode_bytes, decode_loader, image_to_tensor, read_bytes, to_rgb
+from museum.engine import load_checkpoint, save_checkpoint
 from museum.errors import MuseumError, load_failure
+from museum.folders import staged_folder, verify_folder
 from museum.image.augment import normalize
-from museum.image.backbones import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, create_backbone,
-                                    inference_copy)
-from museum.utils import check_classes, resolve_device
+from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, create_backbone
+from museum.image.embed import head_extractor
+from museum.torchutil import inference_copy
+from museum.utils import resolve_device, write_json
 
 CHECKPOINT_FORMAT = "museum-image/1"
+KINDS = ("finetuned", "head")  # a fine-tuned classifier network; a scikit-learn head on a feature extractor
 
 
 class ImageModel:
-    """Image classifier; after `fit` or `load`, `classes_` names the probability columns."""
+    """Image classifier made by a trainer or `load`; `classes_` names the probability columns, `kind` says
+    which of `KINDS` it is."""
 
     def __init__(self, config: ImageConfig | None = None):
         self.config = config or ImageConfig()
         self.classes_: list[str] = []
+        self.kind = "head" if self.config.head != "finetune" else "finetuned"
         self.net: torch.nn.Module | None = None
         self.members: list[torch.nn.Module] = []  # further fine-tuned networks averaged with `net` (`--members`)
         self.input_size = self.config.input_size
         self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        self.preprocess: dict = {}  # the backbone's pretrained preprocessing (`museum.image.preprocess.FIELDS`)
+        self.library: str | None = None  # "torchvision" | "timm"
         self.device = "cpu"
         self.epoch, self.metric = 0, float("nan")
         self.report_: dict = {}  # validation results of the last `fit`, for metrics.json
@@ -45,32 +57,13 @@ class ImageModel:
         self.decision: dict | None = None  # binary tasks: {"positive": class, "threshold": raw probability}
         self._fused: tuple | None = None  # (networks they were made from, their fused inference copies)
 
-    # ------------------------------------------------------------------ training
-
-    def fit(self, paths: Sequence[Path], labels: Sequence[str], val_paths: Sequence[Path] | None = None,
-            val_labels: Sequence[str] | None = None, out: str | Path | None = None, resume: bool = False) -> "ImageModel":
-        """Fine-tune on image files; without `val_paths` a stratified seeded split validates.
-
-        `out` receives last.pt/best.pt/summary.csv as training goes (a temporary folder when None).
-        """
-        check_classes(labels, "training images")  # fine-tuning and every head alike
-        if self.config.head != "finetune" and self.config.members > 1:
-            raise MuseumError(f"members={self.config.members}: only fine-tuning trains several networks, "
-                              f"not a {self.config.head} head")
-        if self.config.head != "finetune":
-            from museum.image.head_train import fit_head_model as fit_image_model
-        else:
-            from museum.image.train import fit_image_model
-
-        fit_image_model(self, list(paths), list(labels), None if val_paths is None else list(val_paths),
-                        None if val_labels is None else list(val_labels), out, resume)
-        self._fused = None  # the weights may have changed in place
-        return self
+    # ------------------------------------------------------------------ construction
 
     def build(self, classes: list[str], input_size: int, weights: str, head: bool = False,
               check_size: bool = True, preprocess: dict | None = None) -> str:
         """Create the network for `classes` (with `head`, the backbone as a feature extractor for a
         scikit-learn head, see `embed.head_extractor`); returns where its initial weights came from.
+        The trainers call it before training, `load` before reading the weights.
 
         Mean/std, interpolation and crop come from the backbone's pretrained config (`self.preprocess`),
         overridden by `preprocess` (a loaded checkpoint's). `check_size` runs one dry forward pass at
@@ -83,11 +76,15 @@ class ImageModel:
         self.mean, self.std = list(self.preprocess["mean"]), list(self.preprocess["std"])
         if check_size:
             check_input_size(self.net, self.config.backbone, self.input_size)
+        self.kind = "head" if head else "finetuned"
         if head:
-            from museum.image.embed import head_extractor
-
             self.net, self.features = head_extractor(self.net, self.config.head_features, self.mean, self.std)
         return source
+
+    @property
+    def interpolation(self) -> str:
+        """How images are resized to `input_size`: the backbone's pretrained interpolation."""
+        return self.preprocess.get("interpolation", "bilinear")
 
     def meta(self) -> dict:
         """The self-description stored in every checkpoint (plain types only)."""
@@ -95,8 +92,8 @@ class ImageModel:
             "format": CHECKPOINT_FORMAT, "package_version": __version__, "backbone": self.config.backbone,
             "classes": list(self.classes_), "input_size": self.input_size, "mean": list(self.mean),
             "std": list(self.std), "config": config_to_dict(self.config),
-            "library": getattr(self, "library", None),
-            "preprocess": {**getattr(self, "preprocess", {}), "mean": list(self.mean), "std": list(self.std)},
+            "library": self.library, "kind": self.kind,
+            "preprocess": {**self.preprocess, "mean": list(self.mean), "std": list(self.std)},
             "head": self.head.kind if self.head is not None else None, "decision": self.decision,
             "members": 1 + len(self.members),
         }
@@ -105,7 +102,8 @@ class ImageModel:
 
     def _check_fitted(self) -> torch.nn.Module:
         if self.net is None:
-            raise MuseumError("image model is not trained; call fit() or ImageModel.load(folder) first")
+            raise MuseumError("image model is not trained; train one (museum.image.train.fit_image_model) "
+                              "or ImageModel.load(folder)")
         return self.net
 
     def _norm_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +131,7 @@ class ImageModel:
         else:  # members vote with their probabilities, as validation averaged them
             proba = torch.stack([logits.softmax(1) for logits in outputs]).mean(0).cpu().numpy()
         if self.decision is not None:  # binary task: 0.5 moves to the saved threshold
-            from museum.image.binary import shift_proba
+            from museum.image.binary import shift_proba  # scikit-learn: loaded only for yes/no tasks
 
             pos = self.classes_.index(self.decision["positive"])
             proba = shift_proba(proba, pos, self.decision["threshold"]).astype(np.float32)
@@ -159,7 +157,8 @@ class ImageModel:
     def _as_tensor(self, image: Image.Image | np.ndarray | str | Path, row: int) -> torch.Tensor:
         """One input as the uint8 (3, S, S) tensor the networks take, decoded as `predict_paths` decodes files."""
         if isinstance(image, (str, Path)):
-            return image_to_tensor(decode_bytes(read_bytes(image), image, draft=self.input_size), self.input_size)
+            return image_to_tensor(decode_bytes(read_bytes(image), image, draft=self.input_size), self.input_size,
+                                   self.interpolation)
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
                 raise MuseumError(f"image {row}: array of shape {image.shape} and dtype {image.dtype}; expected "
@@ -167,7 +166,7 @@ class ImageModel:
             image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
         if not isinstance(image, Image.Image):
             raise MuseumError(f"image {row}: a {type(image).__name__}; expected a PIL image, a uint8 array or a file path")
-        return image_to_tensor(to_rgb(image), self.input_size)
+        return image_to_tensor(to_rgb(image), self.input_size, self.interpolation)
 
     def predict_paths(self, paths: list[Path | None], batch_size: int = 64,
                       num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +178,8 @@ class ImageModel:
         mean, std = self._norm_stats()
         proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
         ok = np.zeros(len(paths), dtype=bool)
-        for batch in decode_loader(list(paths), self.input_size, batch_size, num_workers):
+        for batch in decode_loader(list(paths), self.input_size, batch_size, num_workers,
+                                   interpolation=self.interpolation):
             good = [(i, t) for i, t, _ in batch if t is not None]
             if good:
                 rows = [i for i, _ in good]
@@ -193,9 +193,6 @@ class ImageModel:
         """Write the model folder as a whole (best.pt, head files, config.json); returns best.pt's path.
 
         The complete old folder stays in place until the new one is complete (`museum.folders`)."""
-        from museum.folders import staged_folder
-        from museum.utils import write_json
-
         self._check_fitted()
         with staged_folder(folder, "image") as staging:
             self.write_files(staging)
@@ -204,8 +201,6 @@ class ImageModel:
 
     def write_files(self, folder: str | Path) -> Path:
         """Write `folder/best.pt` (weights + self-description) and the head's files into a working folder."""
-        from museum.engine import save_checkpoint
-
         net = self._check_fitted()
         path = Path(folder) / "best.pt"
         plain = lambda module: {k: v.cpu() for k, v in module.state_dict().items()}  # noqa: E731
@@ -218,9 +213,6 @@ class ImageModel:
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> "ImageModel":
         """Rebuild a model from `folder/best.pt` (or a checkpoint file) without network or pretrained files."""
-        from museum.engine import load_checkpoint
-        from museum.folders import verify_folder
-
         folder = Path(folder)
         if folder.is_dir() or not folder.suffix:
             verify_folder(folder, "image")
@@ -244,7 +236,7 @@ class ImageModel:
         except RuntimeError as exc:
             raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({load_failure(exc)}); retrain") from None
         if state.get("head"):
-            from museum.image.heads import Head
+            from museum.image.heads import Head  # scikit-learn: loaded only for heads
 
             model.head = Head.load(path.parent)
         model.device = resolve_device(device)

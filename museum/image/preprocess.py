@@ -5,9 +5,10 @@ a torchvision backbone's from its ImageNet weights' eval transform. `ImageModel`
 every checkpoint (`meta()["preprocess"]`); a checkpoint written before it existed gets its
 backbone's, with the mean/std it stored.
 
-Fine-tuning here decodes each image once, squashed whole to the training size (see
-`museum.data.images`), so `crop_pct`/`crop_mode` describe how the ImageNet weights were
-evaluated, which `eval_tensor` reproduces (e.g. for checking top-5 accuracy of a weight file).
+Fine-tuning, embedding and prediction decode each image once, squashed whole to the input size
+with the weights' `interpolation` (see `museum.data.images`), so `crop_pct`/`crop_mode` only
+describe how the ImageNet weights were evaluated, which `eval_tensor` reproduces (e.g. for
+checking top-5 accuracy of a weight file). `resolve_input_size` picks the input size for the data.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from museum.data.images import RESAMPLE, probe_median_side
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FIELDS = ("pretrained_input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
 def timm_preprocess(model: torch.nn.Module | None = None, pretrained_cfg: dict | None = None) -> dict:
@@ -52,7 +53,7 @@ def eval_tensor(img: Image.Image, prep: dict, size: int | None = None) -> torch.
     """uint8 (3, S, S) of an RGB image as the weights were evaluated: the shorter side resized to
     S / crop_pct with their interpolation, then the centre S × S (timm's and torchvision's eval transform)."""
     size = int(size or prep["pretrained_input_size"])
-    resample = _PIL_FILTERS.get(prep.get("interpolation", "bilinear"), Image.BILINEAR)
+    resample = RESAMPLE.get(prep.get("interpolation", "bilinear"), Image.BILINEAR)
     scale = int(np.floor(size / float(prep.get("crop_pct", 1.0))))
     w, h = img.size
     new = (scale, max(1, round(h * scale / w))) if w <= h else (max(1, round(w * scale / h)), scale)
@@ -60,3 +61,17 @@ def eval_tensor(img: Image.Image, prep: dict, size: int | None = None) -> torch.
     left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
     img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def auto_input_size(median_side: int) -> int:
+    """Input size for the data: thumbnails (like 28 px) are upscaled less than photos are."""
+    if 0 < median_side <= 64:
+        return 64
+    return 160
+
+
+def resolve_input_size(input_size: int, paths, seed: int = 0) -> int:
+    """`--input-size 0` means the size for these images (64 px thumbnails, else 160), from a sample of headers."""
+    if input_size:
+        return input_size
+    return auto_input_size(probe_median_side(list(paths), seed=seed))

@@ -1,47 +1,40 @@
-"""Train the image expert: data listing, decode-once caches, optimiser, and the run folder.
+"""Train an image model: `fit_image_model` fine-tunes a network, or fits a head (`museum.image.head_train`).
 
-`train_image_model` is what `museum train-image` calls; `fit_image_model` is the body of
-`ImageModel.fit`. Each process (one, or one per torchrun rank) decodes only its own shard
-of the training and validation rows, once; epochs then run on uint8 tensors in memory.
+Both return an inference-only `ImageModel` whose `kind` says which it is. Fine-tuning: each
+process (one, or one per torchrun rank) decodes only its own shard of the training and
+validation rows, once, with the backbone's interpolation; epochs then run on uint8 tensors in
+memory, through `museum.engine`. `museum train-image` (data listing, run folder, report) is
+`museum.train_image`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from museum.config import ImageConfig, config_to_dict
-from museum.data.competition import stratified_split
-from museum.data.images import (decode_cache, default_workers, list_competition_images, list_image_folder,
-                                probe_median_side)
-from museum.engine import (DistInfo, Loop, MixedLoss, Mixup, WeightEMA, all_gather_objects, cleanup_distributed, evaluate, fit,
-                           run_validation, setup_distributed, unwrap, warmup_cosine)
+from museum.config import ImageConfig
+from museum.data.images import decode_cache, default_workers
+from museum.engine import (DistInfo, Loop, MixedLoss, Mixup, WeightEMA, all_gather_objects, evaluate, fit, run_validation,
+                           setup_distributed, unwrap, warmup_cosine)
 from museum.errors import MuseumError
 from museum.image.augment import augment, normalize
 from museum.image.backbones import head_parameter_names
+from museum.image.head_train import fit_head_model
 from museum.image.model import ImageModel
+from museum.image.preprocess import resolve_input_size
+from museum.image.validation import split_train_val, val_prediction_rows
 from museum.log import logger
-from museum.reports import write_report_safely
-from museum.folders import check_destination, check_not_input, partial_folder, publish
-from museum.provenance import save_training_record, training_record
-from museum.utils import read_json, resolve_device, seed_everything, write_json
+from museum.utils import check_classes, resolve_device, seed_everything
 
 BALANCE = ("loss", "sampler", "none")
-
-
-def auto_input_size(median_side: int) -> int:
-    """Input size for the data: thumbnails (like 28 px) are upscaled less than photos are."""
-    if 0 < median_side <= 64:
-        return 64
-    return 160
 
 
 def auto_epochs(n_train: int) -> int:
@@ -109,12 +102,12 @@ def _shard(n: int, info: DistInfo, seed: int) -> np.ndarray:
     return np.sort(perm[info.rank::info.world])
 
 
-def _decode(paths: list[Path], config: ImageConfig, size: int, what: str, info: DistInfo):
+def _decode(paths: list[Path], config: ImageConfig, size: int, interpolation: str, what: str, info: DistInfo):
     workers = config.workers or default_workers()
     if info.enabled:
         workers = max(1, workers // info.world)
     cache, ok, failures = decode_cache(paths, size, workers, Path(config.cache_dir) if config.cache_dir else None,
-                                       progress=info.is_main)
+                                       progress=info.is_main, interpolation=interpolation)
     total: Counter = Counter()
     for part in all_gather_objects(failures, info):
         total.update(part)
@@ -132,29 +125,29 @@ def _batches(cache: torch.Tensor, target: torch.Tensor, order: torch.Tensor, bat
         yield cache[idx], target[idx]
 
 
-def split_train_val(paths: list[Path], labels: list[str], config: ImageConfig):
-    """Seeded stratified (train paths, train labels, val paths, val labels).
+def fit_image_model(config: ImageConfig, paths: Sequence[Path], labels: Sequence[str],
+                    val_paths: Sequence[Path] | None = None, val_labels: Sequence[str] | None = None,
+                    out: str | Path | None = None, resume: bool = False) -> ImageModel:
+    """An `ImageModel` trained on image files as `config` says: fine-tuned (`config.head` "finetune"),
+    or a head on frozen features (`museum.image.head_train`). Without `val_paths` a seeded
+    stratified split validates; `out` receives last.pt/best.pt/summary.csv as training goes
+    (a temporary folder when None)."""
+    paths, labels = list(paths), list(labels)
+    val_paths = None if val_paths is None else list(val_paths)
+    val_labels = None if val_labels is None else list(val_labels)
+    check_classes(labels, "training images")  # fine-tuning and every head alike
+    if config.head != "finetune":
+        if config.members > 1:
+            raise MuseumError(f"members={config.members}: only fine-tuning trains several networks, "
+                              f"not a {config.head} head")
+        return fit_head_model(config, paths, labels, val_paths, val_labels, out)
+    return fine_tune(config, paths, labels, val_paths, val_labels, out, resume)
 
-    With `config.dedup_split`, near-duplicate groups (`museum dedup`) are moved whole to one
-    side, so a copy of a validation image never sits in training and inflates the score.
-    """
-    if config.dedup_split:
-        from museum.dedup import image_groups, leak_free_split, split_leaks
 
-        groups = image_groups(paths, device=config.device)
-        before = split_leaks(groups, *stratified_split(labels, config.val_fraction, config.seed))
-        train_idx, val_idx = leak_free_split(labels, groups, config.val_fraction, config.seed)
-        logger.info(f"--dedup-split: {len(groups)} duplicate group(s), {len(before)} straddled the split and were moved whole")
-    else:
-        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-    return ([paths[i] for i in train_idx], [labels[i] for i in train_idx],
-            [paths[i] for i in val_idx], [labels[i] for i in val_idx])
-
-
-def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val_paths: list[Path] | None,
-                    val_labels: list[str] | None, out: str | Path | None, resume: bool = False) -> ImageModel:
-    """Body of `ImageModel.fit`: split, decode once, fine-tune, restore the best epoch."""
-    config = model.config
+def fine_tune(config: ImageConfig, paths: list[Path], labels: list[str], val_paths: list[Path] | None,
+              val_labels: list[str] | None, out: str | Path | None, resume: bool = False) -> ImageModel:
+    """Split, decode once, fine-tune (`config.members` networks), restore the best epoch."""
+    model = ImageModel(config)
     if config.balance not in BALANCE:
         raise MuseumError(f"--balance {config.balance}: expected one of {', '.join(BALANCE)}")
     if not paths:
@@ -168,7 +161,7 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     unknown = sorted(set(val_labels or []) - set(classes))
     if unknown:
         raise MuseumError(f"validation classes not in training: {', '.join(unknown[:5])}; give --val the same class folders")
-    size = config.input_size or auto_input_size(probe_median_side(paths, seed=config.seed))
+    size = resolve_input_size(config.input_size, paths, config.seed)
     epochs = config.epochs or auto_epochs(len(paths))
     mixup = auto_mixup(epochs) if config.mixup is None else config.mixup
     source = model.build(classes, size, config.weights)
@@ -181,8 +174,8 @@ def fit_image_model(model: ImageModel, paths: list[Path], labels: list[str], val
     tr = _shard(len(paths), info, config.seed)
     va = _shard(len(val_paths), info, config.seed + 1)
     start = time.perf_counter()
-    train_cache, train_ok = _decode([paths[i] for i in tr], config, size, "training", info)
-    val_cache, val_ok = _decode([val_paths[i] for i in va], config, size, "validation", info)
+    train_cache, train_ok = _decode([paths[i] for i in tr], config, size, model.interpolation, "training", info)
+    val_cache, val_ok = _decode([val_paths[i] for i in va], config, size, model.interpolation, "validation", info)
     if info.is_main:
         share = f" (this process's share of {len(paths) + len(val_paths)})" if info.enabled else ""
         logger.info(f"decoded {len(tr) + len(va)} images once in {time.perf_counter() - start:.1f}s{share}")
@@ -350,125 +343,3 @@ def _report(val, outputs, val_paths, classes, history, best) -> dict:
         report["val_predictions"] = val_prediction_rows(val_paths, outputs["index"], outputs["target"],
                                                         outputs["logits"].softmax(1).numpy(), classes)
     return report
-
-
-def val_prediction_rows(val_paths, index, target, proba: np.ndarray, classes: list[str]) -> list[dict]:
-    """metrics.json's per-image validation rows: `index` picks the path, `target` is the true class index."""
-    return [
-        {"path": str(Path(val_paths[i]).resolve()), "true": classes[t], "pred": classes[int(p.argmax())],
-         "confidence": float(p.max()), "loss": float(-np.log(max(float(p[t]), 1e-9))),
-         "proba": [float(v) for v in p]}  # every class's probability: ROC/PR analysis needs them
-        for i, t, p in zip(index, target, proba)
-    ]
-
-
-def load_items(images: Path, train_csv: Path | None):
-    if train_csv is not None:
-        items = list_competition_images(train_csv, images)
-        if items.skipped:
-            logger.warning(f"{train_csv}: skipped {sum(items.skipped.values())} row(s): "
-                           + ", ".join(f"{n} {r}" for r, n in sorted(items.skipped.items())))
-        return items
-    return list_image_folder(images)
-
-
-# Where and how fast a run computes, not what it learns: a killed run may resume with others.
-RUNTIME_OPTIONS = frozenset({"device", "workers", "threads", "cache_dir"})
-
-
-def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: Path | None = None,
-                      val: Path | None = None, resume: bool = False) -> ImageModel:
-    """`museum train-image`: list the data, fit, and write the run folder (rank 0 only).
-
-    The run works in `OUT.partial` (checkpoints as it goes; `--resume` continues there) and, once
-    complete, replaces `out` as a whole: a run killed at any moment leaves the previous model intact."""
-    from museum.image.binary import finish_binary, one_vs_rest, resolve_positive
-
-    check_not_input(out, [images, train_csv, val, config.embeddings], folder=True)
-    out = check_destination(out)
-    work = partial_folder(out)
-    is_main = os.environ.get("RANK", "0") == "0"
-    items = load_items(images, train_csv)
-    val_items = list_image_folder(val, "--val") if val is not None else None
-    positive = resolve_positive(items.labels, config.positive)  # None: a many-class task
-    if positive is None and config.target_precision is not None:
-        raise MuseumError(f"--target-precision: only for yes/no tasks; {len(set(items.labels))} classes here, "
-                          "so pass --positive CLASS too, or drop it")
-    if positive is not None:
-        items, val_items = one_vs_rest(items, positive), one_vs_rest(val_items, positive)
-    wanted = config_to_dict(config)
-    record = training_record(train_csv, images, val=val)
-    if resume:
-        check_resume(work, out, wanted, record, sorted(set(items.labels)))
-    elif is_main:
-        if (work / "last.pt").is_file():
-            raise MuseumError(f"--out {out}: an interrupted run waits in {work}; continue it with --resume, "
-                              "or delete that folder to start over")
-        shutil.rmtree(work, ignore_errors=True)  # a run that died before its first checkpoint: nothing to keep
-        write_json(work / "config.json", wanted)
-        save_training_record(work, record)
-    model = ImageModel(config)
-    try:
-        model.fit(items.paths, items.labels, val_items.paths if val_items else None,
-                  val_items.labels if val_items else None, out=work, resume=resume)
-        if is_main:
-            if positive is not None:
-                finish_binary(model, positive, config.target_precision)
-                model.write_files(work)  # the checkpoint now carries the decision threshold
-            model.report_["train_class_counts"] = dict(Counter(items.labels))
-            write_json(work / "metrics.json", model.report_)
-            val_metrics = model.report_.get("validation")
-            if val_metrics:
-                from museum.metrics import format_report
-
-                what = (f"{config.head} head" if config.head != "finetune" else f"best epoch {model.epoch}" if not model.members
-                        else f"{1 + len(model.members)} networks averaged")
-                logger.info(format_report(val_metrics, f"validation ({what})"))
-            report = write_report_safely(work, shown_as=out)
-            publish(work, out, "image")
-            logger.info(f"model written to {out}")
-            if report is not None:
-                logger.info(f"report: {out / report.name}")
-    except BaseException:
-        if is_main and not (work / "last.pt").is_file():  # failed before any checkpoint: no run to resume
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        cleanup_distributed()
-    return model
-
-
-def check_resume(work: Path, out: Path, wanted: dict, record: dict, classes: list[str]) -> None:
-    """A one-line error unless `work` holds an interrupted run of these options, data and classes."""
-    if not (work / "config.json").is_file() or not (work / "last.pt").is_file():
-        raise MuseumError(f"--resume: {work} holds no interrupted run of --out {out} (config.json and last.pt); "
-                          "check --out, or drop --resume to start one")
-    saved = read_json(work / "config.json")
-    changed = sorted(k for k in set(saved) | set(wanted) if k not in RUNTIME_OPTIONS and saved.get(k) != wanted.get(k))
-    if changed:
-        raise MuseumError(f"--resume: options differ from {work / 'config.json'} ("
-                          + ", ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed[:3])
-                          + "); pass the same options or drop --resume")
-    then = read_json(work / "data.json") if (work / "data.json").is_file() else None
-    if then is not None:
-        for key, what in (("train", "training CSV"), ("images", "images folder"), ("val", "validation data")):
-            before, now = then.get(key), record.get(key)
-            differs = (before is None) != (now is None) or (before is not None and any(
-                before.get(k) != now.get(k) for k in ("path", "sha256", "files", "bytes") if k in before or k in now))
-            if differs:
-                raise MuseumError(f"--resume: the {what} is not the one the interrupted run trained on "
-                                  f"({_describe(before)} then, {_describe(now)} now); pass the same data or drop --resume")
-    from museum.engine import load_checkpoint
-
-    saved_classes = list(load_checkpoint(work / "last.pt").get("classes") or [])
-    if saved_classes and saved_classes != classes:
-        gone, new = sorted(set(saved_classes) - set(classes)), sorted(set(classes) - set(saved_classes))
-        raise MuseumError(f"--resume: the classes differ from the interrupted run's (only then: {', '.join(gone[:5]) or '-'}; "
-                          f"only now: {', '.join(new[:5]) or '-'}); pass the same data or drop --resume")
-
-
-def _describe(entry: dict | None) -> str:
-    if entry is None:
-        return "none"
-    detail = f"{entry['files']} files" if "files" in entry else f"sha256 {str(entry.get('sha256'))[:12]}"
-    return f"{entry.get('path')}, {detail}"
