@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, ro
 from typer.testing import CliRunner
 
 from museum.cli import app
+from museum.config import ImageConfig
 from museum.errors import MuseumError
 from museum.image.binary import binary_analysis, resolve_positive, shift_proba, unshift_score
 from museum.image.heads import Head, fit_head
@@ -253,6 +254,52 @@ def test_stage_features_shape_colour_histogram_and_fallback():
         assert kind == "pooled" and extractor.eval()(x).shape == (1, 512)
     with pytest.raises(MuseumError, match="--features"):
         head_extractor(resnet, "pixels", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_embeddings_and_heads_take_the_backbones_own_preprocessing(slice_folder, tmp_path, monkeypatch):
+    """tf_efficientnet_lite0 wants mean = std = 0.5 and bicubic resizing: `museum embed` normalises and decodes
+    so (checked against a hand-made pass), a head trained on its stage features records it, reuses that file
+    (same preprocessing through the backbone factory), and predicts loaded files the same way."""
+    import torch
+
+    from museum.data.images import image_to_tensor, safe_open_image
+    from museum.image import weights
+    from museum.image.embed import build_extractor, embed_folder
+    from museum.image.train import fit_image_model
+
+    if weights.packaged_file("tf_efficientnet_lite0") is None:
+        pytest.skip("offline EfficientNet-Lite0 weights not installed (scripts/setup.sh installs them)")
+    monkeypatch.setenv("MUSEUM_OFFLINE", "1")
+    vectors = tmp_path / "lite.npz"
+    emb = embed_folder(slice_folder, vectors, backbone="tf_efficientnet_lite0", input_size=32, workers=0)
+    assert emb.meta["mean"] == emb.meta["std"] == [0.5, 0.5, 0.5] and emb.meta["interpolation"] == "bicubic"
+    assert emb.meta["features"] == "stages" and emb.features.shape == (18, 2 * (16 + 24 + 40 + 112 + 320) + 64)
+
+    extractor, _, kind = build_extractor("tf_efficientnet_lite0", "imagenet", "stages", input_size=32)
+    path = Path(emb.paths[0])
+    x = image_to_tensor(safe_open_image(path, draft=32), 32, "bicubic")[None].float() / 255
+    with torch.no_grad():
+        def features(mean: float, std: float) -> np.ndarray:
+            z = (x - mean) / std
+            return ((extractor(z) + extractor(z.flip(3))) / 2)[0].numpy()  # with the mirror, as embed's tta
+        np.testing.assert_allclose(emb.features[0], features(0.5, 0.5), rtol=1e-3, atol=1e-3)
+        assert not np.allclose(emb.features[0], features(0.45, 0.226), rtol=1e-3, atol=1e-3)  # ImageNet's would differ
+
+    before = vectors.stat().st_mtime_ns
+    config = ImageConfig(backbone="tf_efficientnet_lite0", head="logreg", input_size=32, workers=0, threads=1,
+                         embeddings=str(vectors))
+    items = sorted(p for p in slice_folder.rglob("*.*"))
+    model = fit_image_model(config, items, [p.parent.name for p in items])
+    assert vectors.stat().st_mtime_ns == before  # the head's embedding spec is the one embed wrote
+    assert model.kind == "head" and model.features == "stages" and model.mean == model.std == [0.5, 0.5, 0.5]
+    assert model.net.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # the colour histogram undoes this normalisation
+    model.save(tmp_path / "model")
+    loaded = ImageModel.load(tmp_path / "model", device="cpu")
+    assert loaded.kind == "head" and loaded.interpolation == "bicubic"
+    rows = model.report_["val_predictions"]
+    proba, ok = loaded.predict_paths([Path(r["path"]) for r in rows], num_workers=0)
+    assert ok.all()
+    np.testing.assert_allclose(proba, [r["proba"] for r in rows], atol=1e-4)
 
 
 def test_mlp_head_projects_wide_features_and_round_trips(tmp_path):

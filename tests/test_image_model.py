@@ -124,7 +124,8 @@ def test_checkpoint_round_trip_gives_the_same_probabilities(trained, tiny_folder
     model, out = trained
     loaded = ImageModel.load(out, device="cpu")
     images = [Image.open(p) for p in sorted(tiny_folder.rglob("*.*"))[:6]]
-    assert loaded.classes_ == model.classes_
+    assert loaded.classes_ == model.classes_ and model.kind == loaded.kind == "finetuned"
+    assert not hasattr(loaded, "fit")  # inference only: museum.image.train.fit_image_model trains
     np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
     proba = loaded.predict_proba(images)
     assert proba.shape == (6, 5) and np.allclose(proba.sum(1), 1, atol=1e-5)

@@ -107,6 +107,22 @@ def test_disk_cache_is_reused(tmp_path, bad_files):
     assert ok1.all() and ok2.all() and (first == second).all()
 
 
+def test_disk_cache_keys_on_the_interpolation(tmp_path, characters_dir):
+    """A backbone's bicubic decoding is cached apart from bilinear (older cache entries keep their names)."""
+    photo = sorted((characters_dir / "simpsons_small" / "bart").iterdir())[0]
+    cache = tmp_path / "cache"
+    bilinear, _, _ = decode_cache([photo], 24, num_workers=0, cache_dir=cache)
+    bicubic, ok, _ = decode_cache([photo], 24, num_workers=0, cache_dir=cache, interpolation="bicubic")
+    names = sorted(p.name for p in cache.rglob("*.npy"))
+    assert ok.all() and len(names) == 2 and names[0].endswith("_24.npy") and names[1].endswith("_24_bicubic.npy")
+    assert not (bilinear == bicubic).all()
+    assert (bicubic[0] == im.image_to_tensor(safe_open_image(photo, draft=24), 24, "bicubic")).all()
+    again, _, _ = decode_cache([photo], 24, num_workers=0, cache_dir=cache, interpolation="bicubic")
+    assert (again == bicubic).all()
+    with pytest.raises(MuseumError, match="interpolation 'cubic'"):
+        decode_cache([photo], 24, num_workers=0, interpolation="cubic")
+
+
 def test_folder_layout(characters_dir):
     items = list_image_folder(characters_dir / "simpsons_small")
     assert sorted(set(items.labels)) == ["bart", "homer", "lisa", "maggie", "marge"]
