@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from museum.data.images import ImageDecodeError, safe_open_image
+from museum.serve import Limits
 from museum.serve.connections import raise_open_files_limit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,7 +398,9 @@ def main() -> None:
         if "Traceback" in log.read_text(encoding="utf-8"):
             failed.append(f"{scenario}: a traceback in the server log {log}")
     if rows:
-        print(f"load scenarios on loopback, {os.cpu_count()} CPUs; server defaults (2 workers, queue 64, 5 s head deadline)")
+        defaults = Limits()
+        print(f"load scenarios on loopback, {os.cpu_count()} CPUs; server defaults ({defaults.workers} workers, "
+              f"queue {defaults.queue}, {defaults.head_timeout_s:g} s head deadline)")
         print_load_table(rows)
         out = args.out / f"serve-load-{datetime.now():%Y%m%d-%H%M%S}.json"
         out.write_text(json.dumps({"cpus": os.cpu_count(), "text_model": args.text_model, "image_model": args.image_model,
