@@ -285,4 +285,4 @@ def test_readme_python_api_examples_run(tmp_path, monkeypatch, text_model_dir, i
     assert list(result.index) == list(items.index) and {"typology", "route"} <= set(result.columns)
     assert namespace["proba"].shape == (40, len(namespace["text"].classes_))
     assert namespace["p"].shape == (2, len(namespace["image"].classes_))
-    assert namespace["fresh"].config_.epochs == 3 and namespace["fresh"].classes_ == namespace["text"].classes_
+    assert namespace["fresh"].config_.epochs == 3 and set(namespace["fresh"].classes_) <= set(namespace["text"].classes_)
