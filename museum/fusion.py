@@ -428,31 +428,42 @@ def fit_weighted(text_p, image_p, has_text, has_image, y, classes, fallback,
 class StackerRule:
     """Multinomial logistic regression on [log p_text, log p_image, has_text, has_image] (balanced classes).
 
-    Learns per-class trust in each expert, but can only predict classes its training rows held;
-    `choose_fusion` offers it only when the labelled rows cover every class the experts know.
+    Learns per-class trust in each expert and class priors. It can only rank the classes its
+    training rows held (`seen`); when the experts know more, the `base` rule (a `WeightedRule`)
+    decides how much probability those others get, and the regression shares out the rest.
     Single-modality rows see zeros for the other expert's block, so they use that one alone.
     """
 
     classes: list[str]
-    coef: list[list[float]]  # (classes, 2 * classes + 2)
+    coef: list[list[float]]  # (classes, 2 * classes + 2); rows of unseen classes are 0
     intercept: list[float]
     fallback: str
+    seen: list[bool] | None = None  # per class: the regression was fitted on it (None: all)
+    base: dict | None = None  # `WeightedRule.to_dict()` for the classes not seen
     kind: ClassVar[str] = "stacker"
 
     def __post_init__(self) -> None:
         _check_rule(self.classes, self.fallback)
-        if np.shape(self.coef) != (len(self.classes), 2 * len(self.classes) + 2) or len(self.intercept) != len(self.classes):
-            raise MuseumError(f"stacker weights of shape {np.shape(self.coef)} do not fit {len(self.classes)} classes; "
-                              "re-run museum tune")
+        k = len(self.classes)
+        if np.shape(self.coef) != (k, 2 * k + 2) or len(self.intercept) != k or (self.seen is not None and len(self.seen) != k):
+            raise MuseumError(f"stacker weights of shape {np.shape(self.coef)} do not fit {k} classes; re-run museum tune")
+        if self.seen is not None and not all(self.seen) and self.base is None:
+            raise MuseumError("stacker fitted on some classes only but without a base rule for the others; re-run museum tune")
 
     def combine(self, text_p, image_p, has_text, has_image) -> CascadeResult:
         has_text, has_image = np.asarray(has_text, bool), np.asarray(has_image, bool)
+        seen = np.ones(len(self.classes), bool) if self.seen is None else np.asarray(self.seen, bool)
         scores = stacker_features(text_p, image_p, has_text, has_image) @ np.asarray(self.coef).T + np.asarray(self.intercept)
-        fused = _softmax64(scores)  # single-modality rows too: the stacker re-weighs them (class priors, trust)
+        fused = np.zeros_like(scores)
+        if len(scores):
+            fused[:, seen] = _softmax64(scores[:, seen])  # single-modality rows too: priors and trust re-weighed
+        if not seen.all():
+            base = rule_from_dict(self.base, self.classes, self.fallback).combine(text_p, image_p, has_text, has_image).proba
+            fused = base[:, seen].sum(1, keepdims=True) * fused + np.where(seen, 0.0, base)
         return _result(self, _availability_routes(has_text, has_image), {TEXT: fused, IMAGE: fused, BLEND: fused})
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "coef": self.coef, "intercept": self.intercept}
+        return {"kind": self.kind, "coef": self.coef, "intercept": self.intercept, "seen": self.seen, "base": self.base}
 
 
 def stacker_features(text_p, image_p, has_text, has_image) -> np.ndarray:
@@ -464,26 +475,30 @@ def stacker_features(text_p, image_p, has_text, has_image) -> np.ndarray:
 STACKER_C = 0.1  # L2 strength: ~16 features per class on a few hundred rows
 
 
-def fit_stacker(text_p, image_p, has_text, has_image, y, classes, fallback, seed: int = 0) -> StackerRule:
-    """Fit the stacker on rows with at least one modality and a label a model knows; classes absent
-    from those rows get a score no row can reach."""
+def fit_stacker(text_p, image_p, has_text, has_image, y, classes, fallback, text_known=None, image_known=None,
+                seed: int = 0) -> StackerRule:
+    """Fit the regression on rows with at least one modality and a label a model knows; when those rows
+    miss some of `classes`, also the weighted base rule that gives those classes their share."""
     from sklearn.linear_model import LogisticRegression
 
     k = len(classes)
     y = np.asarray(y)
     rows = (np.asarray(has_text, bool) | np.asarray(has_image, bool)) & (y < k)
-    X = stacker_features(text_p, image_p, has_text, has_image)[rows]
-    coef, intercept = np.zeros((k, 2 * k + 2)), np.full(k, -1e4)
-    seen = np.unique(y[rows])
-    if len(seen) == 1:
-        intercept[seen[0]] = 0.0
-    elif len(seen) > 1:
-        model = LogisticRegression(C=STACKER_C, class_weight="balanced", max_iter=2000, random_state=seed).fit(X, y[rows])
+    coef, intercept = np.zeros((k, 2 * k + 2)), np.zeros(k)
+    seen = np.zeros(k, bool)
+    seen[np.unique(y[rows])] = True
+    if seen.sum() > 1:
+        model = LogisticRegression(C=STACKER_C, class_weight="balanced", max_iter=2000, random_state=seed)
+        model.fit(stacker_features(text_p, image_p, has_text, has_image)[rows], y[rows])
         w, b = model.coef_, model.intercept_
-        if len(seen) == 2:  # sklearn's binary form: one row for the second class
+        if len(model.classes_) == 2:  # sklearn's binary form: one row for the second class
             w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
         coef[model.classes_], intercept[model.classes_] = w, b
-    return StackerRule(list(classes), coef.round(8).tolist(), intercept.round(8).tolist(), fallback)
+    base = None
+    if not seen.all():
+        base = fit_weighted(text_p, image_p, has_text, has_image, y, classes, fallback, text_known, image_known).to_dict()
+    return StackerRule(list(classes), coef.round(8).tolist(), intercept.round(8).tolist(), fallback,
+                       None if seen.all() else seen.tolist(), base)
 
 
 FusionRule = Cascade | WeightedRule | StackerRule
@@ -504,7 +519,7 @@ def rule_from_dict(data: dict, classes: list[str], fallback: str) -> FusionRule:
         return WeightedRule(list(classes), float(data["text_weight"]), float(data["image_weight"]), fallback,
                             data.get("text_known"), data.get("image_known"))
     if kind == "stacker":
-        return StackerRule(list(classes), data["coef"], data["intercept"], fallback)
+        return StackerRule(list(classes), data["coef"], data["intercept"], fallback, data.get("seen"), data.get("base"))
     raise MuseumError(f"unknown fusion rule {kind!r}; re-run museum tune")
 
 
@@ -584,9 +599,8 @@ def choose_fusion(
     skipped: dict[str, str] = {}
     if not both.any():
         skipped.update(weighted="no row has both modalities", stacker="no row has both modalities")
-    elif not set(range(len(classes))) <= set(y.tolist()):
-        skipped["stacker"] = (f"the labelled rows hold {len(set(y.tolist()) & set(range(len(classes))))} of the "
-                              f"{len(classes)} classes the experts know, and a stacker can only predict classes it saw")
+    elif len(set(y.tolist()) & set(range(len(classes)))) < 2:
+        skipped["stacker"] = "the labelled rows hold fewer than two of the classes the experts know"
     if n < 10 * config.tune_folds:
         reason = f"only {n} labelled rows (< {10 * config.tune_folds}): too few to trust a fitted rule; kept the default cascade"
         return FusionChoice(default, "default", estimates, estimates["default"]["all"], estimates["default"]["all"],
@@ -604,7 +618,7 @@ def choose_fusion(
         args = (text_p[rows], image_p[rows], has_text[rows], has_image[rows], y[rows], classes, fallback)
         if name == "weighted":
             return fit_weighted(*args, text_known, image_known)
-        return fit_stacker(*args, seed=config.seed)
+        return fit_stacker(*args, text_known, image_known, seed=config.seed)
 
     tried = [c for c in CANDIDATES[1:] if c not in skipped]
     for name in tried:

@@ -218,18 +218,29 @@ def test_fit_weighted_trusts_the_informative_expert():
     assert rule.image_weight > 0.5 and rule.text_weight < 0.1 * rule.image_weight
 
 
-def test_stacker_fits_routes_and_never_predicts_unseen_classes():
+def test_stacker_fits_routes_and_leaves_unseen_classes_to_its_base():
     y, text, image, ht, hi = _synthetic(300, 4, 1.0, 1.0)
     ht[:40], hi[40:80] = False, False
     text[:40], image[40:80] = np.nan, np.nan
     rule = fit_stacker(text, image, ht, hi, y, CLASSES, "a")
     out = rule.combine(text, image, ht, hi)
+    assert rule.seen is None and rule.base is None
     assert out.rule == "stacker" and out.routes[:40].tolist() == [IMAGE] * 40 and out.routes[40:80].tolist() == [TEXT] * 40
     assert fast_macro_f1(y, out.pred, 3) > 0.8
-    only_ab = fit_stacker(text, image, ht, hi, np.minimum(y, 1), CLASSES, "a")  # class c never seen
-    assert (only_ab.combine(text, image, ht, hi).pred < 2).all()
+    np.testing.assert_allclose(out.proba.sum(1), 1.0)
+    # Class c never labelled: the regression ranks a and b, the weighted base decides c's share.
+    rows = y < 2
+    partial = fit_stacker(text[rows], image[rows], ht[rows], hi[rows], y[rows], CLASSES, "a")
+    assert partial.seen == [True, True, False] and partial.base["kind"] == "weighted"
+    out = partial.combine(text, image, ht, hi)
+    np.testing.assert_allclose(out.proba.sum(1), 1.0)
+    sure_c = np.array([[0.02, 0.03, 0.95]])
+    assert partial.combine(sure_c, sure_c, np.ones(1, bool), np.ones(1, bool)).labels(CLASSES) == ["c"]
+    assert fast_macro_f1(y[rows], out.pred[rows], 3) > 0.8
     with pytest.raises(MuseumError, match="do not fit 3 classes"):
         StackerRule(CLASSES, [[0.0] * 7] * 3, [0.0] * 3, "a")
+    with pytest.raises(MuseumError, match="without a base rule"):
+        StackerRule(CLASSES, [[0.0] * 8] * 3, [0.0] * 3, "a", seen=[True, True, False])
 
 
 def test_choose_fusion_beats_a_bad_default_only_with_evidence(monkeypatch):
@@ -249,15 +260,17 @@ def test_choose_fusion_beats_a_bad_default_only_with_evidence(monkeypatch):
     assert strict.name == "default" and isinstance(strict.rule, Cascade) and "kept the default" in strict.reason
     tiny = choose_fusion(text[:30], image[:30], ht[:30], hi[:30], y[:30], CLASSES, "a", FusionConfig())
     assert tiny.name == "default" and "too few" in tiny.reason
-    # Labels cover 2 of 3 classes: the stacker is not offered, the others are.
-    partial = choose_fusion(text, image, ht, hi, np.minimum(y, 1), CLASSES, "a", FusionConfig())
-    assert "stacker" in partial.skipped and "stacker" not in partial.estimates
+    # Labels of one class only: no regression to fit, the stacker is not offered.
+    single = choose_fusion(text, image, ht, hi, np.zeros_like(y), CLASSES, "a", FusionConfig())
+    assert "stacker" in single.skipped and "stacker" not in single.estimates
 
 
 @pytest.mark.parametrize("rule", [
     Cascade(CLASSES, 0.9, 0.2, 0.3, "b"),
     WeightedRule(CLASSES, 0.4, 1.3, "b", image_known=[True, False, True]),
     StackerRule(CLASSES, np.arange(24.0).reshape(3, 8).tolist(), [0.1, 0.2, 0.3], "b"),
+    StackerRule(CLASSES, np.arange(24.0).reshape(3, 8).tolist(), [0.1, 0.2, 0.0], "b", [True, True, False],
+                WeightedRule(CLASSES, 0.5, 0.7, "b").to_dict()),
 ])
 def test_fusion_settings_round_trip(tmp_path, rule):
     from museum.fusion import FusionChoice
