@@ -4,6 +4,9 @@ one library function. Errors in the user's input print one line and exit with st
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -50,7 +53,8 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MuseumError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+                typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
         except OSError as exc:  # a system error no writer turned into a MuseumError: still one line
             where = f"{exc.filename}: " if exc.filename else ""
@@ -75,6 +79,8 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     setup_logging(verbose)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for every rank
+        logging.getLogger("museum").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------- text
@@ -227,7 +233,8 @@ def submit_cmd(
         check_out_file(proba, "--proba")
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device, chunk_size)
     summary = submit(test_csv, out, images, _model_folder(text_model), _model_folder(image_model), proba, overrides, settings)
-    typer.echo(summary.format())
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 wrote the files and holds every rank's counts
+        typer.echo(summary.format())
 
 
 @app.command("tune")
@@ -521,7 +528,9 @@ def report_cmd(
 
     if not run_dir.is_dir():
         raise MuseumError(f"{run_dir}: not a folder; give a run folder written by train-text or train-image")
-    typer.echo(f"report: {build_run_report(run_dir)}")
+    start = time.perf_counter()
+    path = build_run_report(run_dir)
+    typer.echo(f"report written to {path} in {time.perf_counter() - start:.1f}s")
 
 
 @app.command("eda")
@@ -613,3 +622,25 @@ def doctor_cmd() -> None:
     typer.echo(report)
     if not healthy:
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    model: Path = typer.Argument(..., metavar="MODEL_DIR", help="Folder written by train-image (fine-tuned or head)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (ONNX Runtime; the export extra) or torchscript."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: MODEL_DIR-FORMAT beside the model)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images to check the export on, any layout (default: the model's validation images)."),
+) -> None:
+    """Export an image model to ONNX or TorchScript; written only if it agrees with the model on up to 100 real images."""
+    from museum.image.export import FORMATS, export_model
+
+    if fmt not in FORMATS:
+        raise MuseumError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    meta = export_model(model, fmt, out, images)
+    parity = meta["parity"]
+    typer.echo(f"{meta['graph']} written to {meta['folder']}: on {parity['images']} images the largest probability "
+               f"difference from the model is {parity['max_abs_diff']:.1e} (tolerance {parity['tolerance']:g})")

@@ -9,21 +9,26 @@ submission intact.
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import time
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from museum.config import FusionConfig
-from museum.data.competition import iter_competition_chunks
+import torch.distributed as dist
+
+from museum.data.competition import count_rows, iter_competition_chunks
+from museum.engine import DistInfo, all_gather_objects, cleanup_distributed, setup_distributed
 from museum.errors import MuseumError
 from museum.experts import Experts, availability_counts, load_experts, log_experts, score_chunk
 from museum.fusion import ROUTES, Cascade, load_settings, merge_config, settings_path
 from museum.log import logger
 from museum.folders import check_not_input, model_files
-from museum.utils import atomic_path, read_json
+from museum.utils import atomic_path, read_json, resolve_device
 
 DEFAULT_OUT = Path("submissions/submission.csv")
 
@@ -177,8 +182,6 @@ def submit(
     `setup` reuses experts that are already loaded (the web server's); `progress` is called
     with the number of rows written so far after each chunk.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     test_csv, out = Path(test_csv), Path(out)
     if proba_out is not None and Path(proba_out).resolve() == out.resolve():
@@ -186,24 +189,62 @@ def submit(
     inputs = [test_csv, settings_file, *model_files(text_model), *model_files(image_model)]
     check_not_input(out, inputs, "--out")
     check_not_input(proba_out, inputs, "--proba")
-    setup = setup or prepare(test_csv, images, text_model, image_model, overrides or {}, settings_file)
-    config, cascade = setup.config, setup.cascade
-    summary = SubmitSummary(out=out, proba_out=proba_out, fallback=cascade.fallback)
-    with ExitStack() as stack:
-        tmp_out = stack.enter_context(atomic_path(out))
-        f_out = stack.enter_context(open(tmp_out, "w", encoding="utf-8", newline=""))
-        # csv's default dialect ends lines with \r\n and quotes only when needed: byte for
-        # byte the format of the competition's sample_submission.csv.
-        writer = csv.writer(f_out)
+    info, _ = setup_distributed(resolve_device((overrides or {}).get("device") or "auto")) if setup is None else (DistInfo(), "")
+    try:
+        if not info.enabled:
+            setup = setup or prepare(test_csv, images, text_model, image_model, overrides or {}, settings_file)
+            summary = SubmitSummary(out=out, proba_out=proba_out, fallback=setup.cascade.fallback)
+            with ExitStack() as stack:
+                writers = _open_writers(stack, setup, atomic_path(out),
+                                        atomic_path(proba_out) if proba_out is not None else None, header=True)
+                _score_rows(setup, test_csv, 0, None, writers, summary, progress, show=True)
+        else:
+            summary = _submit_shard(info, test_csv, out, images, text_model, image_model, proba_out, overrides or {},
+                                    settings_file, progress)
+    finally:
+        cleanup_distributed()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def shard_bounds(n_rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [lo, hi) of rank `rank` of `world`: contiguous, in order, sizes differing by at most one (some may be empty)."""
+    return n_rows * rank // world, n_rows * (rank + 1) // world
+
+
+def _open_writers(stack: ExitStack, setup: RunSetup, out_ctx, proba_ctx, header: bool):
+    """csv writers for the submission (and the probabilities), opened on the paths the contexts yield."""
+    # csv's default dialect ends lines with \r\n and quotes only when needed: byte for
+    # byte the format of the competition's sample_submission.csv.
+    writer = csv.writer(stack.enter_context(open(stack.enter_context(out_ctx), "w", encoding="utf-8", newline="")))
+    if header:
         writer.writerow(["guid", "typology"])
-        proba_writer = None
-        if proba_out is not None:
-            tmp_proba = stack.enter_context(atomic_path(proba_out))
-            f_proba = stack.enter_context(open(tmp_proba, "w", encoding="utf-8", newline=""))
-            proba_writer = csv.writer(f_proba)
-            proba_writer.writerow(["guid", "route", "typology", *cascade.classes])
-        bar = stack.enter_context(tqdm(unit=" rows", desc="submit", disable=None, dynamic_ncols=True))
+    proba_writer = None
+    if proba_ctx is not None:
+        proba_writer = csv.writer(stack.enter_context(open(stack.enter_context(proba_ctx), "w", encoding="utf-8", newline="")))
+        if header:
+            proba_writer.writerow(["guid", "route", "typology", *setup.cascade.classes])
+    return writer, proba_writer
+
+
+def _score_rows(setup: RunSetup, test_csv: Path, lo: int, hi: int | None, writers, summary: SubmitSummary,
+                progress: Callable[[int], None] | None, show: bool) -> None:
+    """Score rows [lo, hi) of `test_csv` (every row is still read and checked) and write them in order."""
+    from tqdm import tqdm
+
+    config, cascade = setup.config, setup.cascade
+    writer, proba_writer = writers
+    end = 0
+    with tqdm(unit=" rows", desc="submit", disable=None if show else True, dynamic_ncols=True) as bar:
         for chunk in iter_competition_chunks(test_csv, chunk_size=config.chunk_size):
+            begin, end = end, end + len(chunk)  # the chunk's rows in the file
+            keep_lo, keep_hi = max(lo, begin), end if hi is None else min(hi, end)
+            if keep_hi <= keep_lo:
+                if hi is not None and begin >= hi:
+                    break  # past this shard: later rows are other ranks' (the earlier ones were still checked)
+                continue
+            if (keep_lo, keep_hi) != (begin, end):
+                chunk = chunk.subset(list(range(keep_lo - begin, keep_hi - begin)))
             scores = score_chunk(setup.experts, chunk, setup.images, config.batch_size, config.workers)
             result = cascade.combine(scores.text_p, scores.image_p, scores.has_text, scores.has_image)
             labels = result.labels(cascade.classes)
@@ -217,8 +258,62 @@ def submit(
             bar.update(len(chunk))
             if progress is not None:
                 progress(summary.rows)
-    summary.seconds = time.perf_counter() - start
+
+
+def _part(path: Path, rank: int) -> Path:
+    # `.NAME.PID.rankR.tmp`: the pattern atomic_path cleans up once PID is gone
+    return path.parent / f".{path.name}.{os.getpid()}.rank{rank}.tmp"
+
+
+def _submit_shard(info: DistInfo, test_csv: Path, out: Path, images, text_model, image_model, proba_out, overrides: dict,
+                  settings_file, progress) -> SubmitSummary:
+    """One torchrun rank: score a contiguous shard into part files; rank 0 joins them, in order, atomically.
+
+    Any rank's failure fails every rank with the same one-line error, and nothing is written."""
+    parts: list[Path] = []
+    summary = SubmitSummary(out=out, proba_out=proba_out)
+    failure = None
+    try:
+        setup = prepare(test_csv, images, text_model, image_model, overrides, settings_file)
+        summary.fallback = setup.cascade.fallback
+        lo, hi = shard_bounds(count_rows(test_csv), info.world, info.rank)
+        parts = [_part(out, info.rank)] + ([_part(proba_out, info.rank)] if proba_out is not None else [])
+        with ExitStack() as stack:
+            writers = _open_writers(stack, setup, nullcontext(parts[0]),
+                                    nullcontext(parts[1]) if proba_out is not None else None, header=False)
+            _score_rows(setup, test_csv, lo, hi, writers, summary, progress, show=info.is_main)
+    except MuseumError as exc:
+        failure = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported by every rank below, in one line
+        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    everyone = all_gather_objects((failure, [str(p) for p in parts], summary.rows, summary.routes, summary.availability), info)
+    try:
+        failed = [(rank, why) for rank, (why, *_rest) in enumerate(everyone) if why is not None]
+        if failed:
+            rank, why = failed[0]
+            raise MuseumError(why if all(w == why for _, w in failed) else f"rank {rank} of {info.world}: {why}")
+        if info.is_main:
+            _join([Path(e[1][0]) for e in everyone], out, ["guid", "typology"])
+            if proba_out is not None:
+                _join([Path(e[1][1]) for e in everyone], proba_out, ["guid", "route", "typology", *setup.cascade.classes])
+            summary.rows = sum(e[2] for e in everyone)
+            summary.routes = sum((e[3] for e in everyone), Counter())
+            summary.availability = sum((e[4] for e in everyone), Counter())
+    finally:
+        dist.barrier()  # rank 0 has read every part (or the run failed): each rank removes its own
+        for part in parts:
+            part.unlink(missing_ok=True)
     return summary
+
+
+def _join(parts: list[Path], path: Path, header: list[str]) -> None:
+    """`header` and the parts' rows, in rank order, written atomically to `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerow(header)
+            for part in parts:
+                with open(part, encoding="utf-8", newline="") as src:
+                    shutil.copyfileobj(src, f)
 
 
 def check_submission(path: Path, sample: Path, classes: list[str] | None = None) -> list[str]:

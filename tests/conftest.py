@@ -71,3 +71,13 @@ def text_model_dir(tmp_path_factory, museum_train_csv) -> Path:
     config = TextConfig(navec=False, w2v_dim=32, w2v_epochs=2, epochs=2, hidden=16, device="cpu")
     train_text_model(train, root / "model", config, progress=False)
     return root / "model"
+
+
+@pytest.fixture()
+def free_port() -> str:
+    """A TCP port nothing holds now (a fixed one can collide with another job's)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])

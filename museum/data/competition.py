@@ -313,3 +313,8 @@ def leak_free_split(labels: Sequence[str], groups: Iterable, val_fraction: float
     for members in split_leaks(groups, train_idx, val_idx):
         side[members] = side[members].sum() * 2 > len(members)
     return np.flatnonzero(~side), np.flatnonzero(side)
+
+
+def count_rows(path: str | Path) -> int:
+    """Data rows of a competition CSV (quoted fields may span lines), read without keeping them."""
+    return sum(1 for _ in _open_rows(Path(path)))

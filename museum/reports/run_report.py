@@ -194,7 +194,8 @@ def render_report(out_dir: Path, report: ReportInput) -> Path:
         sections.extend(_example_sections(out_dir, examples))
     subtitle = f"{report.kind} report written {time.strftime('%Y-%m-%d %H:%M')} from {out_dir.resolve()}"
     path = html.write_page(out_dir / "report.html", html.page(report.title, subtitle, sections))
-    logger.info(f"report written to {path} in {time.perf_counter() - start:.1f}s")
+    # debug: a trainer builds the report in a staging folder whose name means nothing to the user
+    logger.debug(f"report written to {path} in {time.perf_counter() - start:.1f}s")
     return path
 
 
