@@ -113,7 +113,7 @@ def train_text(
 ) -> None:
     """Train the text expert (Word2Vec + BiLSTM, blended with TF-IDF and word-vector experts) on descriptions."""
     from museum.config import TextConfig
-    from museum.text.train import train_text_model
+    from museum.train_text import train_text_model
 
     weight = _parse_blend_weight(blend_weight)
     _check_share("--vectors-weight", vectors_weight)

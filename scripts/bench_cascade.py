@@ -80,7 +80,7 @@ def train_experts(work: Path, table, rest, held, args, seed: int, timings: dict)
     if args.text_epochs:
         text_config = replace(text_config, epochs=args.text_epochs)
     if not (args.reuse and (text_dir / DATA_NAME).is_file()):
-        from museum.text.train import train_text_model
+        from museum.train_text import train_text_model
 
         start = time.perf_counter()
         train_text_model(text_csv, text_dir, text_config, unlabeled=unlabeled, progress=False)

@@ -62,7 +62,7 @@ def text_model_dir(tmp_path_factory, museum_train_csv) -> Path:
     """A tiny but real text model: 1,500 training rows, small vectors, two epochs (a few seconds)."""
     from csvrows import read_rows, write_rows
     from museum.config import TextConfig
-    from museum.text.train import train_text_model
+    from museum.train_text import train_text_model
 
     root = tmp_path_factory.mktemp("text")
     rows = read_rows(museum_train_csv)[:1500]

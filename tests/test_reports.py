@@ -38,7 +38,7 @@ def image_run(tmp_path_factory, characters_dir) -> Path:
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory, museum_train_csv) -> Path:
     """A real one-epoch train-text run folder on the competition's train.csv (small BiLSTM)."""
-    from museum.text.train import train_text_model
+    from museum.train_text import train_text_model
 
     out = tmp_path_factory.mktemp("text_run")
     config = TextConfig(navec=False, w2v_dim=32, w2v_epochs=1, epochs=1, hidden=16, batch_size=128)

@@ -48,7 +48,7 @@ def models(tmp_path_factory, museum_train_csv, multimodal_dir) -> tuple[Path, Pa
     Trained once per session even when another module (test_serve_load) imports this fixture.
     """
     from museum.train_image import train_image_model
-    from museum.text.train import train_text_model
+    from museum.train_text import train_text_model
 
     root = tmp_path_factory.getbasetemp() / "serve-models"
     if (root / "done").is_file():
