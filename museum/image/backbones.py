@@ -314,7 +314,8 @@ class StageFeatures(nn.Module):
         n = self.hist_bins
         bins = ((x * self.std + self.mean).clamp(0.0, 1.0) * (n - 1e-3)).long()
         cell = ((bins[:, 0] * n + bins[:, 1]) * n + bins[:, 2]).flatten(1)
-        hist = torch.zeros(len(x), n ** 3, device=x.device, dtype=torch.float32)
+        # x.shape[0], not len(x): a traced graph (museum export) keeps the batch size free
+        hist = torch.zeros(x.shape[0], n ** 3, device=x.device, dtype=torch.float32)
         hist.scatter_add_(1, cell, torch.ones_like(cell, dtype=torch.float32))
         parts = [torch.cat([s.float().mean((2, 3)), s.float().amax((2, 3))], 1) for s in self.stages(x)]
         return torch.cat(parts + [(hist / cell.shape[1]).sqrt()], 1)
