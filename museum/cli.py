@@ -644,25 +644,3 @@ def export_cmd(
     parity = meta["parity"]
     typer.echo(f"{meta['graph']} written to {meta['folder']}: on {parity['images']} images the largest probability "
                f"difference from the model is {parity['max_abs_diff']:.1e} (tolerance {parity['tolerance']:g})")
-
-
-# ----------------------------------------------------------------------------- export
-
-
-@app.command("export")
-@friendly_errors
-def export_cmd(
-    model: Path = typer.Argument(..., metavar="MODEL_DIR", help="Folder written by train-image (fine-tuned or head)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (ONNX Runtime; the export extra) or torchscript."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: MODEL_DIR-FORMAT beside the model)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Images to check the export on, any layout (default: the model's validation images)."),
-) -> None:
-    """Export an image model to ONNX or TorchScript; written only if it agrees with the model on up to 100 real images."""
-    from museum.image.export import FORMATS, export_model
-
-    if fmt not in FORMATS:
-        raise MuseumError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    meta = export_model(model, fmt, out, images)
-    parity = meta["parity"]
-    typer.echo(f"{meta['graph']} written to {meta['folder']}: on {parity['images']} images the largest probability "
-               f"difference from the model is {parity['max_abs_diff']:.1e} (tolerance {parity['tolerance']:g})")
