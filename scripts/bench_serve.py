@@ -399,8 +399,8 @@ def main() -> None:
             failed.append(f"{scenario}: a traceback in the server log {log}")
     if rows:
         defaults = Limits()
-        print(f"load scenarios on loopback, {os.cpu_count()} CPUs; server defaults ({defaults.workers} workers, "
-              f"queue {defaults.queue}, {defaults.head_timeout_s:g} s head deadline)")
+        print(f"load scenarios on loopback, {os.cpu_count()} CPUs; server defaults (queue {defaults.queue} per expert, "
+              f"{defaults.head_timeout_s:g} s head deadline)")
         print_load_table(rows)
         out = args.out / f"serve-load-{datetime.now():%Y%m%d-%H%M%S}.json"
         out.write_text(json.dumps({"cpus": os.cpu_count(), "text_model": args.text_model, "image_model": args.image_model,

@@ -90,7 +90,8 @@ def test_gate_bounds_running_and_waiting_calls():
             await asyncio.sleep(0.01)
         with pytest.raises(Busy) as busy:
             await gate.run(blocked, "third")
-        assert 1 <= busy.value.retry_after <= 60 and "1 prediction(s) running and 1 waiting" in str(busy.value)
+        assert 1 <= busy.value.retry_after <= 60 and str(busy.value).startswith(
+            "server busy: 1 prediction(s) running and 1 waiting; retry in a few seconds")
         with pytest.raises(asyncio.TimeoutError):  # the first request gives up; its thread still computes
             await asyncio.wait_for(first, 0.05)
         assert gate.running == 1 and gate.waiting == 1 and gate.full()
@@ -105,7 +106,7 @@ def test_gate_bounds_running_and_waiting_calls():
 @pytest.fixture()
 def held_text_lock(models):
     """An app whose text expert is held by the test: text work waits until `release()`."""
-    app = create_app(*models, device="cpu", limits=Limits(workers=1, queue=0, jobs=1, jobs_bytes=1024))
+    app = create_app(*models, device="cpu", limits=Limits(queue=0, jobs=1, jobs_bytes=1024))
     lock = app.state.predictor.experts.text.lock
     lock.acquire()
     released = threading.Event()
@@ -122,9 +123,10 @@ def held_text_lock(models):
             release()
 
 
-def test_full_inference_queue_is_503_json_with_retry_after(held_text_lock):
+def test_full_inference_queue_is_503_json_with_retry_after(held_text_lock, photo):
+    """The text expert's queue is full (its one request holds the expert); the photo expert's is not."""
     client, release = held_text_lock
-    gate = client.app.state.gate
+    gate = client.app.state.gates["text"]
     first: dict = {}
     worker = threading.Thread(target=lambda: first.update(r=client.post("/predict", data={"description": DESCRIPTION})))
     worker.start()
@@ -134,6 +136,8 @@ def test_full_inference_queue_is_503_json_with_retry_after(held_text_lock):
     page = client.post("/", data={"description": DESCRIPTION})  # the no-JS page says it in the page
     assert page.status_code == 503 and "server busy" in page.text and page.headers["retry-after"]
     assert client.get("/health").status_code == 200  # never waits on inference
+    photo_only = client.post("/predict", files={"image": ("p.jpg", photo.read_bytes(), "image/jpeg")})
+    assert photo_only.status_code == 200 and photo_only.json()["route"] == "image"  # its own queue
     release()
     worker.join(10)
     assert first["r"].status_code == 200 and first["r"].json()["route"] in ("text", "blend")
@@ -228,15 +232,16 @@ def stop(process: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module")
 def live(models):
-    """One prediction at a time, two waiting; a 1 s head deadline. Its log must hold no traceback."""
-    process, port = start_server(models, {"workers": 1, "queue": 2, "head_timeout_s": 1.0})
+    """Two waiting per expert; a 1 s head deadline. Its log must hold no traceback."""
+    process, port = start_server(models, {"queue": 2, "head_timeout_s": 1.0})
     yield port
     log = stop(process)
     assert "Traceback" not in log and "Exceeded concurrency" not in log, log
 
 
 def test_a_burst_gets_answers_never_resets(live, photo):
-    """60 requests at once, 3 places: each gets a 200 or a JSON 503 with Retry-After, none a bare reset."""
+    """60 requests with a photo at once, 4 places (2 computing or decoding, 2 waiting): each gets a 200 or
+    a JSON 503 with Retry-After, none a bare reset."""
     body, content_type = multipart({"description": DESCRIPTION.encode()}, {"image": ("p.jpg", photo.read_bytes())})
     start = threading.Barrier(60)
     answers: list = [None] * 60

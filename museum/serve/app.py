@@ -85,24 +85,22 @@ class ModelsResponse(BaseModel):
 class Admission:
     """ASGI middleware: a full queue refuses an upload with 503 before its body is read.
 
-    `POST /predict` is refused while the inference queue is full (the gate checks again once
-    the body is in). `POST /submit` takes a place in the job queue, sized by `Content-Length`
+    `POST /predict` is refused while every expert's queue is full (once the body is in, the
+    queue of its expert checks again). `POST /submit` takes a place in the job queue, sized by `Content-Length`
     (or by the CSV limit without one), before the upload spools to disk; the place is handed
     to the handler in `request.state.upload_ticket` and freed when the request ends unless it
     became a job.
     """
 
-    def __init__(self, app, jobs: Jobs, gate: InferenceGate, csv_bytes: int):
-        self.app, self.jobs, self.gate, self.csv_bytes = app, jobs, gate, csv_bytes
+    def __init__(self, app, jobs: Jobs, gates: list[InferenceGate], csv_bytes: int):
+        self.app, self.jobs, self.gates, self.csv_bytes = app, jobs, gates, csv_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ("/predict", "/submit"):
             return await self.app(scope, receive, send)
         if scope["path"] == "/predict":
-            try:
-                self.gate.check()
-            except Busy as exc:
-                return await self.refuse(receive, send, exc)
+            if all(gate.full() for gate in self.gates):
+                return await self.refuse(receive, send, self.gates[0].busy())
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         try:
@@ -134,12 +132,21 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     jobs = Jobs(predictor, workdir / "jobs", limits.jobs, limits.jobs_bytes)
-    gate = InferenceGate(limits.workers, limits.queue, max_wait_s=limits.timeout_s / 2)
+    # One queue per expert, so that neither kind of request waits behind the other. Each expert
+    # computes one request at a time (service.LockedModel); the photo queue's second thread
+    # decodes the next photo meanwhile. Waits past a third of the timeout are refused: the
+    # request would likely time out in the queue.
+    gates = {"text": InferenceGate(1, limits.queue, limits.timeout_s / 3, "description"),
+             "image": InferenceGate(2, limits.queue, limits.timeout_s / 3, "photo")}
+
+    def gate_for(image: UploadFile | None) -> InferenceGate:
+        return gates["image"] if image is not None and predictor.experts.image is not None else gates["text"]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        gate.close()
+        for gate in gates.values():
+            gate.close()
         await asyncio.to_thread(jobs.close)  # waits for the running job's next chunk: keep the loop free
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -147,9 +154,9 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
     app = FastAPI(title="museum", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Tell a museum item's typology from its photo, its Russian description, or both.")
     app.router.route_class = StrictFormRoute  # form fields that are not valid UTF-8 are a 422
-    app.add_middleware(Admission, jobs=jobs, gate=gate, csv_bytes=limits.csv_bytes)
+    app.add_middleware(Admission, jobs=jobs, gates=list(gates.values()), csv_bytes=limits.csv_bytes)
     app.add_middleware(GuardMiddleware, limits=limits)  # outermost: oversized bodies are refused before anything
-    app.state.predictor, app.state.jobs, app.state.gate, app.state.workdir = predictor, jobs, gate, workdir
+    app.state.predictor, app.state.jobs, app.state.gates, app.state.workdir = predictor, jobs, gates, workdir
 
     @app.exception_handler(Busy)
     async def busy(_request: Request, exc: Busy) -> JSONResponse:
@@ -170,7 +177,7 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
         return JSONResponse({"detail": "; ".join(parts)[:300]}, status_code=422)
 
     def predict_upload(description: str, image: UploadFile | None):
-        """Score one upload (in a gate thread: the photo is read only once it is its turn)."""
+        """Score one upload (in its queue's thread: the photo is read only once it is its turn)."""
         data = image.file.read() if image is not None else None
         # A browser sends an empty, nameless file part when no file was chosen: that is "no image".
         if image is not None and not data and not image.filename:
@@ -185,7 +192,7 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
     async def page_predict(image: UploadFile | None = File(None), description: str = Form("")) -> HTMLResponse:
         """The no-JavaScript form post: the same prediction, rendered into the page."""
         try:
-            result = await gate.run(predict_upload, description, image)
+            result = await gate_for(image).run(predict_upload, description, image)
         except InputError as exc:
             return HTMLResponse(render_page(predictor, limits, error=str(exc), description=description), 422)
         except Busy as exc:
@@ -200,7 +207,7 @@ def create_app(text_dir: Path | None, image_dir: Path | None, device: str = "aut
         description: str = Form("", description="Catalogue description, UTF-8 (Russian)."),
     ) -> PredictResponse:
         """Predict the typology of one item from its photo, its description, or both."""
-        result = await gate.run(predict_upload, description, image)
+        result = await gate_for(image).run(predict_upload, description, image)
         return PredictResponse(**vars(result))
 
     @app.post("/submit", status_code=202, response_model=JobResponse,

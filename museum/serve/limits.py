@@ -31,8 +31,9 @@ SECURITY_HEADERS = [
 class Limits:
     """Request bounds; `csv_bytes` applies to `POST /submit`, `upload_bytes` to every other request.
 
-    `workers` predictions run at once and `queue` more may wait; beyond that `/predict` answers
-    503. `jobs` submissions (uploading, queued or running) and `jobs_bytes` of their CSVs may be
+    Each expert has its own queue of predictions (a photo's request never waits behind the
+    description-only ones, nor they behind it); `queue` may wait in each, beyond that
+    `/predict` answers 503. `jobs` submissions (uploading, queued or running) and `jobs_bytes` of their CSVs may be
     pending; beyond that `/submit` answers 503 (one upload alone is always let in: `csv_bytes`
     bounds it). A connection whose request head is not complete `head_timeout_s` after it opened
     (or after its last answer) is closed.
@@ -41,11 +42,7 @@ class Limits:
     upload_bytes: int = 12 * MB
     csv_bytes: int = 50 * MB
     timeout_s: float = 30.0
-    # Threads, not cores: each expert computes one request at a time (service.LockedModel), and
-    # threads waiting on the photo expert's lock must not hold back a description-only request
-    # (with 2 threads its p50 was 190-360 ms under load, with 8 it is 11-13 ms).
-    workers: int = 8
-    queue: int = 64
+    queue: int = 32
     jobs: int = 4
     jobs_bytes: int = 100 * MB
     head_timeout_s: float = 5.0
@@ -82,12 +79,12 @@ class InferenceGate:
     let a new call start while its thread still computes).
     """
 
-    def __init__(self, workers: int, queue: int, max_wait_s: float = 15.0):
-        self.workers, self.queue, self.max_wait_s = workers, queue, max_wait_s
+    def __init__(self, workers: int, queue: int, max_wait_s: float = 10.0, name: str = ""):
+        self.workers, self.queue, self.max_wait_s, self.name = workers, queue, max_wait_s, name
         self.running = self.waiting = 0
         self.seconds_per_call = 0.1  # running mean, for Retry-After
         self._slots: asyncio.Semaphore | None = None  # made in the server's event loop, on first use
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="museum-predict")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"museum-predict-{name}")
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained, 1 to 60."""
@@ -100,11 +97,15 @@ class InferenceGate:
             return False
         return self.waiting >= self.queue or (self.waiting + 1) * self.seconds_per_call / self.workers > self.max_wait_s
 
+    def busy(self) -> Busy:
+        what = f"{self.name} prediction(s)" if self.name else "prediction(s)"
+        return Busy(f"server busy: {self.running} {what} running and {self.waiting} waiting; retry in a few seconds",
+                    self.retry_after())
+
     def check(self) -> None:
-        """`Busy` when full: also called before a request body is read, to refuse it cheaply."""
+        """`Busy` when full."""
         if self.full():
-            raise Busy(f"server busy: {self.running} prediction(s) running and {self.waiting} waiting; "
-                       "retry in a few seconds", self.retry_after())
+            raise self.busy()
 
     async def run(self, fn, *args):
         if self._slots is None:
