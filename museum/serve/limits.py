@@ -33,9 +33,9 @@ class Limits:
 
     Each expert has its own queue of predictions (a photo's request never waits behind the
     description-only ones, nor they behind it); `queue` may wait in each, beyond that
-    `/predict` answers 503. `jobs` submissions (uploading, queued or running) and `jobs_bytes` of their CSVs may be
-    pending; beyond that `/submit` answers 503 (one upload alone is always let in: `csv_bytes`
-    bounds it). A connection whose request head is not complete `head_timeout_s` after it opened
+    `/predict` answers 503. `jobs` submissions (uploading, queued or running) and `jobs_bytes`
+    of their CSVs may be pending; beyond that `/submit` answers 503 (one upload alone is always
+    let in: `csv_bytes` bounds it). A connection whose request head is not complete `head_timeout_s` after it opened
     (or after its last answer) is closed.
     """
 
