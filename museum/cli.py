@@ -240,7 +240,12 @@ def submit_cmd(
 @app.command("tune")
 @friendly_errors
 def tune_cmd(
-    valid: Path = typer.Option(..., "--valid", help="Labelled CSV the models were not trained on."),
+    valid: Optional[Path] = typer.Option(None, "--valid", help="Labelled CSV the models were not trained on (the cascade's grid is tuned on it)."),
+    cross_fit: Optional[Path] = typer.Option(
+        None, "--cross-fit", metavar="LABELLED_CSV",
+        help="Labelled CSV (rows may overlap the models' training data): retrain each expert per fold without the fold's "
+        "rows, and fit the fusion (cascade, weighted or stacker) on the out-of-fold probabilities."),
+    cross_fit_folds: int = typer.Option(5, help="With --cross-fit: folds (each expert is retrained once per fold)."),
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
@@ -256,16 +261,24 @@ def tune_cmd(
     workers: int = WORKERS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
-    """Search thresholds and blend weight for macro-F1 on a labelled set; save them for submit."""
-    from museum.evaluate import tune
+    """Fit how the experts are combined, for macro-F1, and save it for submit, evaluate and serve (fusion.json)."""
+    from museum.evaluate import tune, tune_cross_fit
 
+    if (valid is None) == (cross_fit is None):
+        raise MuseumError("give one of --valid (a held-out labelled CSV) or --cross-fit (any labelled CSV)")
     if folds < 2:
         raise MuseumError(f"--folds {folds}: must be at least 2")
+    if cross_fit_folds < 2:
+        raise MuseumError(f"--cross-fit-folds {cross_fit_folds}: must be at least 2")
     if out is not None:
         check_out_file(out, "--out")
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
     overrides.update(tune_folds=folds, tune_min_gain=min_gain, seed=seed)
-    _, _, text = tune(valid, images, _model_folder(text_model), _model_folder(image_model), overrides, out)
+    models = _model_folder(text_model), _model_folder(image_model)
+    if cross_fit is not None:
+        text = tune_cross_fit(cross_fit, images, *models, overrides, out, cross_fit_folds, seed)[2]
+    else:
+        text = tune(valid, images, *models, overrides, out)[2]
     typer.echo(text)
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from museum.config import FusionConfig
+from museum.crossfit import cross_fit
 from museum.data.competition import iter_competition_chunks
 from museum.experts import ChunkScores, availability_counts, concat_scores, score_chunk
-from museum.fusion import ROUTES, CascadeResult, TuneResult, format_tune, save_settings, settings_path, tune_cascade
+from museum.fusion import (ROUTES, CascadeResult, FusionChoice, TuneResult, fast_macro_f1, format_choice, format_tune, save_fusion,
+                           save_settings, settings_path, tune_cascade)
 from museum.folders import check_not_input, model_files
 from museum.log import logger
 from museum.metrics import classification_metrics, format_report
@@ -238,3 +240,76 @@ def tune(
                                else f"pass `--settings {out}` to museum submit"),
     ])
     return result, out, text
+
+
+# ----------------------------------------------------------------------------- tune --cross-fit
+
+
+def tune_cross_fit(
+    labelled_csv: Path,
+    images: Path | None = None,
+    text_model: Path | None = None,
+    image_model: Path | None = None,
+    overrides: dict | None = None,
+    out: Path | None = None,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[FusionChoice, Path, str]:
+    """Fit the fusion on honest inputs: out-of-fold probabilities of both experts, each retrained per fold
+    without that fold's rows (`museum.crossfit`); choose the rule by an inner cross-validation against the
+    0.7/0.7 default and save it as `fusion.json`, which submit, evaluate and serve then use."""
+    overrides = overrides or {}
+    check_not_input(out, [labelled_csv, *model_files(text_model), *model_files(image_model)], "--out")
+    labels = [label for chunk in iter_competition_chunks(labelled_csv, require_labels=True) for label in chunk.labels or []]
+    check_classes(labels, f"{labelled_csv}: the labels", "macro-F1 tuning")
+    setup = prepare(labelled_csv, images, text_model, image_model, overrides, use_saved=False)
+    oof = cross_fit(labelled_csv, setup.images, text_model, image_model, n_folds=folds, seed=seed,
+                    device=overrides.get("device"))
+    choice = oof.choose(setup.config, setup.cascade.fallback)
+    out = out or settings_path(text_model, image_model)
+    save_fusion(
+        out, choice, setup.config,
+        text_model=str(text_model.resolve()) if text_model is not None else None,
+        image_model=str(image_model.resolve()) if image_model is not None else None,
+        fallback_source=setup.fallback_source,
+        tuned_on={"file": str(labelled_csv), "rows": len(oof.labels), "cross_fit": {"folds": folds, "seed": seed,
+                                                                                      "cache": str(oof.path)}},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    text = "\n".join([
+        oof.summary(),
+        side_by_side(oof, choice, setup.cascade.fallback),
+        format_choice(choice),
+        f"saved to {out}; " + ("museum submit, evaluate and serve read it when they use these models"
+                               if Path(out).resolve() == settings_path(text_model, image_model).resolve()
+                               else f"pass `--settings {out}` to museum submit"),
+    ])
+    return choice, out, text
+
+
+def side_by_side(oof, choice: FusionChoice, fallback: str) -> str:
+    """Out-of-fold macro-F1 of each expert alone (its rows; the fallback elsewhere) beside the fusion's
+    inner cross-validated estimates, on all rows and on rows with both modalities."""
+    y = oof.targets()
+    k = max(len(oof.classes), int(y.max()) + 1)
+    both = oof.has_text & oof.has_image
+    fall = oof.classes.index(fallback)
+
+    def alone(proba: np.ndarray, usable: np.ndarray) -> np.ndarray:
+        pred = np.full(len(y), fall)
+        pred[usable] = np.nan_to_num(proba[usable], nan=-1.0).argmax(1)
+        return pred
+
+    def row(name: str, pred: np.ndarray) -> str:
+        return (f"{name:<28}{fast_macro_f1(y, pred, k):>10.4f}"
+                + (f"{fast_macro_f1(y[both], pred[both], k):>14.4f}" if both.any() else f"{'-':>14}"))
+
+    lines = [f"{'out of fold':<28}{'all rows':>10}{'with both':>14}   (n = {len(y)} / {int(both.sum())})"]
+    if oof.has_text.any():
+        lines.append(row("text expert alone", alone(oof.text_p, oof.has_text)))
+    if oof.has_image.any():
+        lines.append(row("image expert alone", alone(oof.image_p, oof.has_image)))
+    for name, label in (("default", "cascade 0.7/0.7"), (choice.name, f"fused: {choice.name} (chosen)")):
+        est = choice.estimates[name]
+        lines.append(f"{label:<28}{est['all']:>10.4f}" + (f"{est['both']:>14.4f}" if both.any() else f"{'-':>14}"))
+    return "\n".join(lines)

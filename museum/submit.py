@@ -25,7 +25,7 @@ from museum.data.competition import count_rows, iter_competition_chunks
 from museum.engine import DistInfo, all_gather_objects, cleanup_distributed, setup_distributed
 from museum.errors import MuseumError
 from museum.experts import Experts, availability_counts, load_experts, log_experts, score_chunk
-from museum.fusion import ROUTES, Cascade, load_settings, merge_config, settings_path
+from museum.fusion import ROUTES, FusionRule, describe_rule, load_settings, merge_config, rule_from_settings, settings_path
 from museum.log import logger
 from museum.folders import check_not_input, model_files
 from museum.utils import atomic_path, read_json, resolve_device
@@ -39,7 +39,7 @@ class RunSetup:
 
     experts: Experts
     config: FusionConfig
-    cascade: Cascade
+    cascade: FusionRule  # the rule that combines the experts: the cascade, or one fitted by `tune --cross-fit`
     images: Path | None
     settings_file: Path | None
     fallback_source: str
@@ -112,7 +112,7 @@ def prepare(
     experts = load_experts(text_model, image_model, device=overrides.get("device") or "auto")
     log_experts(experts)
     settings_file = settings_file or settings_path(text_model, image_model)
-    base = FusionConfig()
+    base, saved = FusionConfig(), None
     if use_saved and settings_file.exists():
         base, saved = load_settings(settings_file)
         logger.info(f"settings: {settings_file} (from museum tune)")
@@ -122,13 +122,13 @@ def prepare(
     config = merge_config(base, overrides)
     fallback, source = resolve_fallback(config, experts)
     config = merge_config(config, {"fallback": fallback})
-    cascade = Cascade.from_config(experts.classes, config)
-    logger.info(
-        f"routing: text > {config.text_threshold}, image > {config.image_threshold}, "
-        f"blend weight {config.blend_weight}, fallback {fallback!r} ({source})"
-    )
+    # The rule fusion.json names (a learned one from `tune --cross-fit`), else the cascade of `config`;
+    # threshold options given explicitly mean the user wants the cascade with them.
+    explicit = any(overrides.get(k) is not None for k in ("text_threshold", "image_threshold", "blend_weight"))
+    rule = rule_from_settings(None if explicit else saved, experts.classes, config)
+    logger.info(f"fusion: {rule.kind}, {describe_rule(rule)}, fallback {fallback!r} ({source})")
     logger.info(f"images: {images if images is not None else 'none'}")
-    return RunSetup(experts, config, cascade, images, settings_file, source)
+    return RunSetup(experts, config, rule, images, settings_file, source)
 
 
 def _warn_if_other_models(saved: dict, experts: Experts) -> None:
@@ -150,10 +150,11 @@ class SubmitSummary:
     availability: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     fallback: str = ""
+    rule: str = "cascade"  # the fusion rule's kind: rows with both modalities are routed `blend` by the cascade, else by this rule
 
     def format(self) -> str:
-        lines = [f"{'rows':<24}{self.rows:>8}"]
-        for route in ROUTES:
+        lines = [f"{'rows':<24}{self.rows:>8}", f"{'fusion rule':<24}{self.rule:>8}"]
+        for route in route_names(self.rule):
             note = f"  ({self.fallback})" if route == "fallback" and self.routes[route] else ""
             lines.append(f"{'route ' + route:<24}{self.routes[route]:>8}{note}")
         for key in sorted(self.availability):
@@ -163,6 +164,11 @@ class SubmitSummary:
         if self.proba_out is not None:
             lines.append(f"{'probabilities':<24}{self.proba_out}")
         return "\n".join(lines)
+
+
+def route_names(rule: str) -> tuple[str, ...]:
+    """Names of the route codes: a learned rule decides the rows with both modalities under its own name."""
+    return ROUTES if rule == "cascade" else tuple(rule if name == "blend" else name for name in ROUTES)
 
 
 def submit(
@@ -193,7 +199,7 @@ def submit(
     try:
         if not info.enabled:
             setup = setup or prepare(test_csv, images, text_model, image_model, overrides or {}, settings_file)
-            summary = SubmitSummary(out=out, proba_out=proba_out, fallback=setup.cascade.fallback)
+            summary = SubmitSummary(out=out, proba_out=proba_out, fallback=setup.cascade.fallback, rule=setup.cascade.kind)
             with ExitStack() as stack:
                 writers = _open_writers(stack, setup, atomic_path(out),
                                         atomic_path(proba_out) if proba_out is not None else None, header=True)
@@ -248,12 +254,13 @@ def _score_rows(setup: RunSetup, test_csv: Path, lo: int, hi: int | None, writer
             scores = score_chunk(setup.experts, chunk, setup.images, config.batch_size, config.workers)
             result = cascade.combine(scores.text_p, scores.image_p, scores.has_text, scores.has_image)
             labels = result.labels(cascade.classes)
+            names = route_names(cascade.kind)
             writer.writerows(zip(chunk.guids, labels))
             if proba_writer is not None:
                 for guid, route, label, row in zip(chunk.guids, result.routes, labels, result.proba):
-                    proba_writer.writerow([guid, ROUTES[route], label, *(f"{p:.6f}" for p in row)])
+                    proba_writer.writerow([guid, names[route], label, *(f"{p:.6f}" for p in row)])
             summary.rows += len(chunk)
-            summary.routes.update(ROUTES[r] for r in result.routes)
+            summary.routes.update(names[r] for r in result.routes)
             summary.availability.update(availability_counts(scores))
             bar.update(len(chunk))
             if progress is not None:
@@ -275,7 +282,7 @@ def _submit_shard(info: DistInfo, test_csv: Path, out: Path, images, text_model,
     failure = None
     try:
         setup = prepare(test_csv, images, text_model, image_model, overrides, settings_file)
-        summary.fallback = setup.cascade.fallback
+        summary.fallback, summary.rule = setup.cascade.fallback, setup.cascade.kind
         lo, hi = shard_bounds(count_rows(test_csv), info.world, info.rank)
         parts = [_part(out, info.rank)] + ([_part(proba_out, info.rank)] if proba_out is not None else [])
         with ExitStack() as stack:
