@@ -14,14 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from museum.data.competition import CompetitionTable, is_safe_id
-from museum.data.files import MISSING, file_problem
+from museum.data.competition import CompetitionTable
+from museum.data.items import IMAGE_STATUSES, Items  # noqa: F401 - IMAGE_STATUSES: the statuses' names, for callers
 from museum.errors import MuseumError
 from museum.fusion import align, union_classes
 from museum.log import logger
 
-# Why a row has no image; "ok" is the only status the image expert scores.
-IMAGE_STATUSES = ("ok", "missing", "zero-byte", "not a file", "broken", "unsafe guid", "no image folder", "no image model")
 
 
 @dataclass
@@ -33,6 +31,10 @@ class Experts:
     text_dir: Path | None
     image_dir: Path | None
     classes: list[str]
+
+    def roles(self) -> dict[str, Any]:
+        """The loaded experts by the role they play in the fusion ("text", "image")."""
+        return {role: model for role, model in (("text", self.text), ("image", self.image)) if model is not None}
 
     @property
     def names(self) -> str:
@@ -128,67 +130,32 @@ class ChunkScores:
     image_status: list[str]  # one of IMAGE_STATUSES per row
 
 
-def image_paths(guids: list[str], images_dir: Path | None) -> tuple[list[Path | None], list[str]]:
-    """`images_dir/{guid}.jpg` per row, or None with the reason it cannot be an image.
-
-    Unsafe guids (path separators, `..`) never become paths; zero-byte files are not
-    handed to the decoder at all. Broken files are found later, by the decoder.
-    """
-    if images_dir is None:
-        return [None] * len(guids), ["no image folder"] * len(guids)
-    paths: list[Path | None] = []
-    status: list[str] = []
-    for guid in guids:
-        if not is_safe_id(guid):
-            paths.append(None)
-            status.append("unsafe guid")
-            continue
-        path = images_dir / f"{guid}.jpg"
-        problem = file_problem(path)  # a FIFO or a folder named like the image is never opened
-        if problem is not None:
-            paths.append(None)
-            status.append("missing" if problem == MISSING else "not a file")
-            continue
-        if path.stat().st_size == 0:
-            paths.append(None)
-            status.append("zero-byte")
-        else:
-            paths.append(path)
-            status.append("ok")  # provisional: the decoder may still call it broken
-    return paths, status
+def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: int = 2) -> ChunkScores:
+    """Every loaded expert scores the items through the one expert contract, `score(items) -> (proba, usable)`;
+    each expert's probabilities are aligned by class name on the union, NaN where it could not score a row."""
+    n, k = len(items), len(experts.classes)
+    scored = {}
+    for role, expert in experts.roles().items():
+        proba, usable = expert.score(items, batch_size=batch_size, workers=workers)
+        usable = np.asarray(usable, dtype=bool)
+        aligned = np.full((n, k), np.nan)
+        aligned[usable] = align(np.asarray(proba)[usable], list(expert.classes_), experts.classes)
+        scored[role] = aligned, usable
+    empty = (np.full((n, k), np.nan), np.zeros(n, dtype=bool))
+    text_p, has_text = scored.get("text", empty)
+    image_p, has_image = scored.get("image", empty)
+    if "image" in scored:  # an image handed over that the expert could not decode was broken
+        status = ["broken" if s == "ok" and not ok else s for s, ok in zip(items.image_status, has_image)]
+    else:
+        status = ["no image model"] * n
+    return ChunkScores(list(items.guids), text_p, image_p, has_text, has_image, items.has_text, status)
 
 
 def score_chunk(
     experts: Experts, chunk: CompetitionTable, images_dir: Path | None, batch_size: int = 64, workers: int = 2
 ) -> ChunkScores:
-    """Run the experts on one chunk of rows; only rows with a description / a readable image are scored."""
-    n, k = len(chunk), len(experts.classes)
-    text_present = chunk.has_text
-    text_p = np.full((n, k), np.nan)
-    image_p = np.full((n, k), np.nan)
-    has_text = np.zeros(n, dtype=bool)
-    has_image = np.zeros(n, dtype=bool)
-    if experts.text is not None and text_present.any():
-        rows = np.flatnonzero(text_present)
-        proba = experts.text.predict_proba([chunk.descriptions[i] for i in rows])
-        text_p[rows] = align(proba, list(experts.text.classes_), experts.classes)
-        has_text[rows] = True
-    if experts.image is None:
-        status = ["no image model"] * n
-    else:
-        paths, status = image_paths(chunk.guids, images_dir)
-        rows = np.array([i for i, p in enumerate(paths) if p is not None], dtype=np.int64)
-        if rows.size:
-            proba, ok = experts.image.predict_paths(
-                [paths[i] for i in rows], batch_size=batch_size, num_workers=workers
-            )
-            ok = np.asarray(ok, dtype=bool)
-            good = rows[ok]
-            image_p[good] = align(np.asarray(proba)[ok], list(experts.image.classes_), experts.classes)
-            has_image[good] = True
-            for i in rows[~ok]:
-                status[i] = "broken"
-    return ChunkScores(list(chunk.guids), text_p, image_p, has_text, has_image, text_present, status)
+    """Score one chunk of a competition CSV, with images at `images_dir/{guid}.jpg`."""
+    return score_items(experts, Items.from_table(chunk, images_dir), batch_size, workers)
 
 
 def concat_scores(parts: list[ChunkScores]) -> ChunkScores:

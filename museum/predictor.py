@@ -21,8 +21,8 @@ from museum.config import FusionConfig
 from museum.data.competition import CompetitionTable
 from museum.errors import MuseumError
 from museum.experts import score_chunk
-from museum.fusion import ROUTES
-from museum.submit import RunSetup, prepare
+
+from museum.submit import RunSetup, prepare, route_names
 from museum.text.model import as_texts
 
 RESULT_COLUMNS = ("typology", "route")
@@ -78,7 +78,7 @@ class Predictor:
             scores = score_chunk(setup.experts, chunk, folder, setup.config.batch_size, setup.config.workers)
             result = setup.cascade.combine(scores.text_p, scores.image_p, scores.has_text, scores.has_image)
             labels += result.labels(classes)
-            routes += [ROUTES[r] for r in result.routes]
+            routes += [route_names(setup.cascade.kind)[r] for r in result.routes]
             probas.append(np.asarray(result.proba, dtype=np.float64))
         proba = np.concatenate(probas) if probas else np.zeros((0, len(classes)))
         out = pd.DataFrame(proba, index=df.index, columns=classes)

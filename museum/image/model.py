@@ -187,6 +187,22 @@ class ImageModel:
                 ok[rows] = True
         return proba, ok
 
+    def score(self, items, batch_size: int = 64, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """The expert contract (`museum.data.items.Items` → probabilities, usable rows): file paths are
+        decoded by the safe decoder in worker processes, decoded photos scored as they are; rows without
+        an image, or whose file does not decode, get NaN and are not usable."""
+        proba = np.full((len(items), len(self.classes_)), np.nan, dtype=np.float32)
+        usable = np.zeros(len(items), dtype=bool)
+        paths = [i for i, image in enumerate(items.images) if isinstance(image, (str, Path))]
+        if paths:
+            p, ok = self.predict_paths([items.images[i] for i in paths], batch_size=batch_size, num_workers=workers)
+            proba[paths], usable[paths] = p, ok
+        decoded = [i for i, image in enumerate(items.images) if image is not None and not isinstance(image, (str, Path))]
+        if decoded:
+            proba[decoded] = self.predict_proba([items.images[i] for i in decoded], batch_size=batch_size)
+            usable[decoded] = True
+        return proba, usable
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, folder: str | Path) -> Path:

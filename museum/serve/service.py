@@ -24,8 +24,9 @@ from museum import __version__
 from museum.data.files import file_problem, open_regular
 from museum.data.images import ImageDecodeError, decode_bytes
 from museum.errors import MuseumError
-from museum.fusion import ROUTES, align
-from museum.submit import RunSetup, prepare
+from museum.data.items import Items
+from museum.experts import score_items
+from museum.submit import RunSetup, prepare, route_names
 
 # Descriptions in the catalogue are at most a few thousand characters; anything much longer is a paste accident.
 MAX_DESCRIPTION_CHARS = 20_000
@@ -53,6 +54,10 @@ class LockedModel:
     def predict_paths(self, paths: list, **kwargs):
         with self.lock:
             return self.model.predict_paths(paths, **kwargs)
+
+    def score(self, items, **kwargs):
+        with self.lock:
+            return self.model.score(items, **kwargs)
 
 
 class InputError(MuseumError):
@@ -131,20 +136,15 @@ class Predictor:
         if not description and image is None:
             raise InputError(f"nothing to score: give {_what_can_be_scored(experts)} "
                              "(multipart/form-data fields `description` and `image`)")
-        k = len(experts.classes)
-        text_p = np.full((1, k), np.nan)
-        image_p = np.full((1, k), np.nan)
-        if description:
-            text_p = align(experts.text.predict_proba([description]), experts.text.classes_, experts.classes)
-        if image is not None:
-            picture = self.decode(image)
-            image_p = align(experts.image.predict_proba([picture]), experts.image.classes_, experts.classes)
-        result = cascade.combine(text_p, image_p, np.array([bool(description)]), np.array([image is not None]))
+        # The same path as `museum submit`: the experts' contract, then the fusion rule.
+        scores = score_items(experts, Items.one(description, self.decode(image) if image is not None else None))
+        text_p, image_p = scores.text_p, scores.image_p
+        result = cascade.combine(text_p, image_p, scores.has_text, scores.has_image)
         proba = result.proba[0]
         order = np.argsort(-proba, kind="stable")
         return Prediction(
             typology=cascade.classes[result.pred[0]],
-            route=ROUTES[result.routes[0]],
+            route=route_names(cascade.kind)[result.routes[0]],
             classes=[experts.classes[j] for j in order],
             probabilities=[round(float(proba[j]), 6) for j in order],
             experts={"text": _best(text_p[0], experts.classes) if description else None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import islice
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,10 +37,10 @@ from museum.config import TextConfig, config_from_dict, config_to_dict
 from museum.data.competition import stratified_split
 from museum.errors import MuseumError, load_failure
 from museum.metrics import macro_f1
-from museum.text.lstm import BiLSTMClassifier, encode, predict_logits, train_lstm
+from museum.text.lstm import BiLSTMClassifier, FastBiLSTM, encode, predict_logits, train_lstm, truncate_ids
 from museum.calibration import fit_temperature, softmax
 from museum.text.tfidf import TfidfExpert
-from museum.text.tokenize import Tokenizer
+from museum.text.tokenize import ChunkTable, Tokenizer, paused_gc, split_chunks, tokenize_uncached
 from museum.text.vector_expert import WordVectorExpert, pretrained_table
 from museum.text.vectors import load_navec, train_word_vectors
 from museum.utils import atomic_path, resolve_device, seed_everything, write_json
@@ -224,27 +225,72 @@ class TextModel(ClassifierMixin, BaseEstimator):
     def expert_probas(self, X: Iterable) -> dict[str, np.ndarray]:
         """Each present expert's probabilities ("lstm", "tfidf", "vectors"), in `classes_` order."""
         self._check_fitted()
+        distinct, rows = _distinct(as_texts(X, "X"))
+        probas = self._distinct_expert_probas(distinct)
+        return probas if rows is None else {name: p[rows] for name, p in probas.items()}
+
+    def _distinct_expert_probas(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """`expert_probas` of distinct texts, through each expert's fast path (`expert_probas_reference`'s
+        probabilities to float32 rounding: tests/test_text_speed.py)."""
+        tokens = self._token_cache()
+        chunks = split_chunks(texts)
+        numbers, counts = tokens(*chunks)
+        if self.device == "cpu":
+            logits = self._fast_lstm().logits(*truncate_ids(tokens.lstm_ids[numbers], counts, self.config_.max_len))
+        else:  # the packed nn.LSTM on the accelerator
+            token_lists = self._tokenizer.many(texts)
+            logits = predict_logits(self.lstm_, *encode(token_lists, self._index, self.config_.max_len), self.device)
+        probas = {"lstm": softmax(logits * self.lstm_temperature_)}
+        if self.tfidf_ is not None:
+            probas["tfidf"] = self.tfidf_.predict_proba(texts, chunks)
+        if self.vectors_ is not None:
+            probas["vectors"] = self.vectors_.predict_proba_rows(tokens.vector_rows[numbers], counts)
+        return probas
+
+    def _token_cache(self) -> "_TokenCache":
+        """The prediction path's token cache, made anew for another tokenizer, vocabulary or vector expert."""
+        key = (id(self._tokenizer), id(self._index), id(self.vectors_))
+        cached = getattr(self, "_token_cache_", None)
+        if cached is None or cached[0] != key:
+            cached = self._token_cache_ = (key, _TokenCache(self._tokenizer, self._index, self.vectors_))
+        return cached[1]
+
+    def expert_probas_reference(self, X: Iterable) -> dict[str, np.ndarray]:
+        """`expert_probas` the plain way: row by row, torch's packed nn.LSTM, scikit-learn's vectorizers."""
+        self._check_fitted()
         texts = as_texts(X, "X")
-        tokens = [self._tokenizer(t) for t in texts]
+        tokens = [tokenize_uncached(t) for t in texts] if not self.config_.lemmatize else [self._tokenizer(t) for t in texts]
         ids, lengths = encode(tokens, self._index, self.config_.max_len)
         probas = {"lstm": softmax(predict_logits(self.lstm_, ids, lengths, self.device) * self.lstm_temperature_)}
         if self.tfidf_ is not None:
-            probas["tfidf"] = self.tfidf_.predict_proba(texts)
+            probas["tfidf"] = self.tfidf_.predict_proba_reference(texts)
         if self.vectors_ is not None:
-            probas["vectors"] = self.vectors_.predict_proba(tokens)
+            probas["vectors"] = self.vectors_.predict_proba_reference(tokens)
         return probas
+
+    def _fast_lstm(self) -> FastBiLSTM:
+        """The BiLSTM's inference copy, rebuilt whenever its weights have changed (a refit, `load_state_dict`)."""
+        key = (id(self.lstm_), tuple((id(p), p._version) for p in self.lstm_.parameters()))
+        cached = getattr(self, "_fast_lstm_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._fast_lstm_cache = (key, FastBiLSTM(self.lstm_))
+        return cached[1]
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "lstm_"):
             raise MuseumError("text model is not trained; call fit(X, y) or TextModel.load(folder) first")
 
     def predict_proba(self, X: Iterable) -> np.ndarray:
-        """(n, len(classes_)) probabilities; rows sum to 1. NaN or None is an empty description."""
+        """(n, len(classes_)) probabilities; rows sum to 1. NaN or None is an empty description.
+
+        A description repeated within a call (catalogues repeat many) is scored once."""
         self._check_fitted()
         texts = as_texts(X, "X")
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        return self.blend(self.expert_probas(texts))
+        distinct, rows = _distinct(texts)
+        proba = self.blend(self._distinct_expert_probas(distinct))
+        return proba if rows is None else proba[rows]
 
     def blend(self, probas: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
         """Weighted geometric mean of the experts' probabilities, renormalised (default: `blend_weights_`)."""
@@ -255,6 +301,15 @@ class TextModel(ClassifierMixin, BaseEstimator):
     def predict(self, X: Iterable) -> np.ndarray:
         """The most probable class of each description."""
         return np.asarray(self.classes_)[self.predict_proba(X).argmax(1)]
+
+    def score(self, items, batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The expert contract (`museum.data.items.Items` → probabilities, usable rows): rows with a
+        description are scored, the others get NaN. `batch_size` and `workers` serve image experts."""
+        usable = items.has_text
+        proba = np.full((len(items), len(self.classes_)), np.nan, dtype=np.float32)
+        if usable.any():
+            proba[usable] = self.predict_proba([d for d, ok in zip(items.descriptions, usable) if ok])
+        return proba, usable
 
     # ------------------------------------------------------------------------ save/load
     def save(self, folder: str | Path) -> Path:
@@ -340,6 +395,52 @@ class TextModel(ClassifierMixin, BaseEstimator):
         model.device = resolve_device(device)
         model.lstm_.to(model.device)
         return model
+
+
+class _TokenCache:
+    """Texts → token numbers, each distinct whitespace-separated chunk tokenized once (a `ChunkTable`) and
+    each distinct token looked up once: `lstm_ids[number]` is its BiLSTM vocabulary id (1 = unknown),
+    `vector_rows[number]` its word-vector row (-1 = unknown). A call's cost is numpy gathers, not a
+    Python loop per token."""
+
+    limit = 200_000  # distinct tokens kept; then it starts afresh
+
+    def __init__(self, tokenizer: Tokenizer, index: dict[str, int], vectors: WordVectorExpert | None) -> None:
+        self.tokenizer, self.index, self.vectors = tokenizer, index, vectors
+        self.clear()
+
+    def clear(self) -> None:
+        self.number: dict[str, int] = {}
+        self.chunks = ChunkTable(self._numbers, limit=self.limit)
+        self.lstm_ids = np.zeros(0, dtype=np.int64)
+        self.vector_rows = np.zeros(0, dtype=np.int64)
+
+    def _numbers(self, chunk: str) -> list[int]:
+        number = self.number
+        return [number.setdefault(t, len(number)) for t in self.tokenizer(chunk)]
+
+    def __call__(self, chunks: list[str], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the token numbers of texts given as `split_chunks` returns them, end to end; how many each text has)."""
+        if len(self.number) > self.limit:
+            self.clear()
+        with paused_gc():
+            numbers, lengths = self.chunks.sequences(self.chunks.ids(chunks), counts)
+            if len(self.number) > len(self.lstm_ids):  # tokens first met in this call
+                new = list(islice(self.number, len(self.lstm_ids), None))
+                get = self.index.get
+                self.lstm_ids = np.concatenate([self.lstm_ids, np.array([get(t, 1) for t in new], dtype=np.int64)])
+                rows = self.vectors.word_rows(new) if self.vectors is not None else np.full(len(new), -1)
+                self.vector_rows = np.concatenate([self.vector_rows, rows])
+        return numbers.astype(np.int64), lengths
+
+
+def _distinct(texts: list[str]) -> tuple[list[str], np.ndarray | None]:
+    """(distinct texts in first-seen order, each text's place among them; None when all are distinct)."""
+    place: dict[str, int] = {}
+    rows = [place.setdefault(t, len(place)) for t in texts]
+    if len(place) == len(texts):
+        return texts, None
+    return list(place), np.array(rows, dtype=np.int64)
 
 
 def _check_consistent(folder: Path, vocab_rows: int, embedding_rows: int, n_classes: int, state_dict: dict) -> None:
