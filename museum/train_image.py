@@ -80,6 +80,8 @@ def train_image_model(config: ImageConfig, images: Path, out: Path, train_csv: P
                 finish_binary(model, positive, config.target_precision)
                 model.write_files(work)  # the checkpoint now carries the decision threshold
             model.report_["train_class_counts"] = dict(Counter(items.labels))
+            # A head run resolves only these; fine-tuning has already written all its auto options.
+            model.report_.setdefault("resolved", {"input_size": model.input_size, "device": str(model.device)})
             write_json(work / "metrics.json", model.report_)
             val_metrics = model.report_.get("validation")
             if val_metrics:

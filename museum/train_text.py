@@ -68,9 +68,14 @@ def train_text_model(
         val_rows=len(val),
         seconds=time.perf_counter() - start,
         val_predictions=[
-            {"guid": g, "text": t, "true": c, "pred": p, "confidence": float(proba[i].max()), "loss": float(losses[i])}
+            # every class's probability (in `classes` order): the report's precision-recall curves need them
+            {"guid": g, "text": t, "true": c, "pred": p, "confidence": float(proba[i].max()), "loss": float(losses[i]),
+             "proba": [round(float(v), 6) for v in proba[i]]}
             for i, (g, t, c, p) in enumerate(zip(val.guids, val.descriptions, val.labels, predicted))
         ],
+        # what the automatic options came to, shown beside the config in the report
+        resolved={"device": str(model.device), **({"blend_weight": model.blend_weights_.get("lstm")}
+                                                  if config.blend_weight is None else {})},
     )
     logger.info(format_report(metrics, "validation report (blended text model)"))
     experts = ", ".join(f"{name} {f1:.4f} × {model.blend_weights_.get(name, 0):.2f}" for name, f1 in metrics["experts"].items())
@@ -84,6 +89,7 @@ def train_text_model(
         save_training_record(staging, training_record(train_path, unlabeled=unlabeled))
         write_json(staging / "metrics.json", metrics)
         _write_summary(staging / "summary.csv", model.history_)
+        _write_tensorboard(staging / "tensorboard", model.history_, metrics)
         report = write_report_safely(staging, shown_as=out)
     if report is not None:
         logger.info(f"report: {out / report.name}")
@@ -109,3 +115,23 @@ def _write_summary(path: Path, history: list[dict]) -> None:
             writer = csv.DictWriter(f, fieldnames=list(history[0]))
             writer.writeheader()
             writer.writerows(history)
+
+
+def _write_tensorboard(folder: Path, history: list[dict], metrics: dict) -> None:
+    """TensorBoard events of the BiLSTM's epochs (as image runs write them) and of the blended model's final scores.
+
+    Written from the history once training is over: the events then describe exactly the epochs in summary.csv."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: summary.csv and metrics.json hold the same numbers
+        return
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for row in history:
+            for key in ("loss", "val_loss", "val_macro_f1", "lr"):
+                if isinstance(row.get(key), (int, float)):
+                    writer.add_scalar(key, float(row[key]), int(row["epoch"]))
+        step = int(metrics.get("best_epoch") or len(history) or 1)
+        writer.add_scalar("blend/val_macro_f1", float(metrics["macro_f1"]), step)
+        writer.add_scalar("blend/val_accuracy", float(metrics["accuracy"]), step)
+        for name, f1 in metrics["experts"].items():
+            writer.add_scalar(f"experts/{name}_val_macro_f1", float(f1), step)

@@ -1,5 +1,7 @@
-"""Run reports: each figure on real data, the page of a text and an image run opened in
-Chromium, an interrupted run, reports from predictions, the CLI, and the time budget."""
+"""Run reports: each figure on real data, the pages of a text run, a multi-network image run and
+an evaluation with photos opened in Chromium (every figure there, shown at its natural size;
+thumbnails of 160 px with wrapping captions; auto options with their values), TensorBoard events
+of text runs, an interrupted run, reports from predictions, the CLI, and the time budget."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from museum.data.competition import read_competition_csv
 from museum.data.images import list_image_folder
 from museum.metrics import classification_metrics
 from museum.reports import build_report_from_predictions, build_run_report, plots
+from museum.reports.run_report import _pr_curves, _read_summary
+from museum.reports.thumbs import thumbnail_tag
 from museum.utils import read_json, write_json
 
 
@@ -99,7 +103,8 @@ def test_confusion_and_per_class_on_text_predictions(tmp_path, text_run):
     for path in (cm, bars):
         assert path.stat().st_size > 20_000
     with Image.open(cm) as img:
-        assert min(img.size) > 15 * 50  # room for 15 rows and columns of names
+        assert img.width <= plots.REPORT_WIDTH * 100 + 40  # fits the page: shown unshrunk, names at 10 pt
+        assert img.height > 15 * 45  # a row per class with room for a name on two lines
 
 
 def test_learning_curves_and_histogram(tmp_path, image_run, museum_train_csv):
@@ -110,36 +115,126 @@ def test_learning_curves_and_histogram(tmp_path, image_run, museum_train_csv):
     assert curves.stat().st_size > 10_000 and hist.stat().st_size > 10_000
 
 
-def test_image_grid_marks_errors_and_survives_a_broken_file(tmp_path, characters_dir):
-    items = list_image_folder(characters_dir / "simpsons_small")
+def _has_colour(png: Path, colour: str, tolerance: int = 12) -> bool:
+    """Whether any pixel of the image is within `tolerance` of the hex colour on every channel."""
+    with Image.open(png) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.int16).reshape(-1, 3)
+    target = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return bool((np.abs(pixels - target).max(1) <= tolerance).any())
+
+
+def test_learning_curves_draw_every_network(tmp_path, image_run):
+    """The three networks of the run, each from its own summary.csv, in three colours; a lone network in two."""
+    saved = read_json(image_run / "metrics.json")
+    histories = [saved["history"]] + [_read_summary(image_run / f"member{k}" / "summary.csv") for k in (1, 2)]
+    networks = [(f"network {k + 1}", h, m["best_epoch"]) for k, (h, m) in enumerate(zip(histories, saved["members"]))]
+    three = plots.learning_curves(networks, tmp_path / "three.png")
+    one = plots.learning_curves(saved["history"], tmp_path / "one.png", best_epoch=1)
+    assert all(_has_colour(three, c) for c in plots.NETWORK_COLOURS[:3])
+    assert not _has_colour(one, plots.NETWORK_COLOURS[2])
+
+
+def test_pr_curves_and_reliability_on_text_predictions(tmp_path, text_run):
+    from sklearn.metrics import average_precision_score
+
+    saved = read_json(text_run / "metrics.json")
+    rows, classes = saved["val_predictions"], saved["classes"]
+    assert len(classes) == 15 and all(len(r["proba"]) == 15 for r in rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing Cyrillic glyph would raise here
+        pr = _pr_curves(rows, classes)
+        figure = plots.per_class_pr_curves(pr["curves"], tmp_path / "pr.png")
+        reliability = plots.reliability_diagram([r["confidence"] for r in rows], [r["true"] == r["pred"] for r in rows],
+                                                tmp_path / "reliability.png")
+    aps = [c["ap"] for c in pr["curves"]]
+    assert len(aps) == 15 and aps == sorted(aps)  # worst first
+    worst = classes.index(pr["curves"][0]["class"])
+    truth = np.array([r["true"] for r in rows])
+    assert aps[0] == pytest.approx(average_precision_score(truth == classes[worst], [r["proba"][worst] for r in rows]))
+    for path in (figure, reliability):
+        with Image.open(path) as img:
+            assert img.width <= plots.REPORT_WIDTH * 100 + 40  # fits the page's column: shown unshrunk
+        assert path.stat().st_size > 20_000
+
+
+def test_calibration_bins_by_hand():
+    # 10 rows at 0.95 with 9 right, 10 at 0.55 with 5 right: both bins 0.05 off, so ECE 0.05
+    confidence = [0.95] * 10 + [0.55] * 10
+    correct = [True] * 9 + [False] + [True] * 5 + [False] * 5
+    stats = plots.calibration_bins(np.array(confidence), np.array(correct), 10)
+    assert stats["count"].tolist() == [0] * 5 + [10, 0, 0, 0, 10]
+    assert stats["accuracy"][9] == pytest.approx(0.9) and stats["accuracy"][5] == pytest.approx(0.5)
+    assert stats["ece"] == pytest.approx(0.05)
+
+
+def test_thumbnails_are_160_px_and_a_broken_file_says_why(tmp_path, characters_dir):
+    items = list_image_folder(characters_dir / "simpsons_mnist")
     broken = tmp_path / "broken.jpg"
-    broken.write_bytes(items.paths[0].read_bytes()[:300])  # a real JPEG cut short
-    examples = [{"path": str(p), "true": t, "pred": t if i % 3 else "homer", "confidence": 0.9}
-                for i, (p, t) in enumerate(zip(items.paths[::20], items.labels[::20]))]
-    examples.append({"path": str(broken), "true": "bart", "pred": "bart", "confidence": 0.5})
-    path = plots.image_grid(examples, tmp_path / "grid.png", "examples")
-    with Image.open(path) as img:
-        assert img.mode == "P"  # palette PNG: photos stay small
-        assert img.width > 8 * 100
-    assert 10_000 < path.stat().st_size < 400_000
+    broken.write_bytes(items.paths[0].read_bytes()[:100])  # a real image cut short
+    assert re.search(r'(width|height)="160"', thumbnail_tag(items.paths[0], "28 px"))  # blown up to the box
+    photo = list_image_folder(characters_dir / "simpsons_small").paths[0]
+    assert re.search(r'(width|height)="160"', thumbnail_tag(photo, "photo"))
+    assert "<img" not in thumbnail_tag(broken, "broken")
 
 
 # ----------------------------------------------------------------------------- run reports
 
 
+FIGURES = ("class_distribution", "learning_curves", "per_class", "pr_curves", "reliability", "confusion_matrix")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".png")
+
+
+def _check_figures(check, run: Path, expected: tuple[str, ...] = FIGURES) -> list[dict]:
+    """Every report figure is in the page, loads, and is shown at its natural size (never shrunk, so
+    class names keep their size); every thumbnail is at least 160 px on its longer side. Returns the thumbnails."""
+    figures = [img for img in check.images if not img["alt"].endswith(PHOTO_SUFFIXES)]
+    thumbs = [img for img in check.images if img["alt"].endswith(PHOTO_SUFFIXES)]
+    assert not check.broken_images, check.broken_images
+    assert sorted(img["alt"] for img in figures) == sorted(ALT[name] for name in expected)
+    for name in expected:
+        assert (run / f"{name}.png").stat().st_size > 5_000, name
+    assert all(img["shown_width"] == img["width"] for img in figures), figures
+    assert all(max(img["width"], img["height"]) >= 160 for img in thumbs), thumbs
+    return thumbs
+
+
+ALT = {"class_distribution": "validation class distribution", "learning_curves": "learning curves",
+       "per_class": "per-class scores", "pr_curves": "precision-recall curves", "reliability": "reliability diagram",
+       "confusion_matrix": "confusion matrix"}
+
+
 def test_image_run_report_opens_in_chromium(tmp_path, image_run):
     page = build_run_report(image_run)
-    for name in ("learning_curves", "class_distribution", "per_class", "confusion_matrix", "examples", "highest_loss"):
-        assert (image_run / f"{name}.png").stat().st_size > 5_000, name
     assert _per_class_rows(page) == 5
     text = page.read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text  # self-contained
-    check = open_in_chromium(page, tmp_path / "image_report.png")
-    assert len(check.images) == 6 and not check.broken_images, check.images
-    assert "Most-confused pairs" in check.dom
-    assert "networks&#x27; validation macro-F1" in text or "networks' validation macro-F1" in text
-    assert "seed 100:" in text and "first of 3 networks" in text
+    check = open_in_chromium(page, tmp_path / "image_report.png", height=4000)
+    thumbs = _check_figures(check, image_run)
+    assert len(thumbs) == 48 + 16  # the validation sample and the highest-loss examples
+    assert "Most-confused pairs" in check.dom and "Calibration" in check.dom
+    assert "each of the 3 networks" in text and "validation macro-F1 alone" in text
+    resolved = read_json(image_run / "metrics.json")["resolved"]
+    assert resolved["members"] == 3 and resolved["input_size"] == 64
+    # config.json holds members 0, mixup null, threads 0, device auto: each shows what the trainer chose
+    for key in ("members", "mixup", "threads", "device"):
+        value = resolved[key]
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        assert f"<span>{key}</span> <b>{shown}</b> <i>(auto)</i>" in text, key
     assert check.screenshot.stat().st_size > 20_000
+
+
+def test_report_of_a_run_written_before_resolved_values(tmp_path, image_run):
+    """An older run (no `resolved` in metrics.json, config input_size 0): the checkpoint says what it came to."""
+    run = tmp_path / "older"
+    shutil.copytree(image_run, run, ignore=shutil.ignore_patterns("*.png", "report.html", "tensorboard"))
+    saved = read_json(run / "metrics.json")
+    del saved["resolved"]
+    write_json(run / "metrics.json", saved)
+    write_json(run / "config.json", {**read_json(run / "config.json"), "input_size": 0})
+    text = build_run_report(run).read_text(encoding="utf-8")
+    assert "<span>input_size</span> <b>64</b> <i>(auto)</i>" in text
+    assert "<span>members</span> <b>3</b> <i>(auto)</i>" in text
+    assert "<span>threads</span> <i>auto (not recorded by this run)</i>" in text
 
 
 def test_text_run_report_opens_in_chromium(tmp_path, text_run):
@@ -147,19 +242,58 @@ def test_text_run_report_opens_in_chromium(tmp_path, text_run):
     assert _per_class_rows(page) == 15
     text = page.read_text(encoding="utf-8")
     assert "Highest-loss descriptions" in text and "предметы" in text
-    assert not (text_run / "examples.png").exists()  # no image grid for text
+    assert "<span>device</span> <b>cpu</b> <i>(auto)</i>" in text
     check = open_in_chromium(page, tmp_path / "text_report.png", height=3000)
-    assert len(check.images) == 4 and not check.broken_images, check.images
+    assert not _check_figures(check, text_run)  # no thumbnails for text
+
+
+def test_text_run_writes_tensorboard_events(text_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    saved = read_json(text_run / "metrics.json")
+    events = EventAccumulator(str(text_run / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "val_loss", "val_macro_f1", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(row["epoch"], pytest.approx(row[key], rel=1e-6)) for row in saved["history"]], key
+    assert events.Scalars("blend/val_macro_f1")[0].value == pytest.approx(saved["macro_f1"], rel=1e-6)
+
+
+def test_evaluation_report_with_photos_and_russian_classes(tmp_path, text_run, multimodal_dir):
+    """The text run's predictions on 150 multimodal rows, their photos as examples, 7 typologies."""
+    from museum.text.model import TextModel
+
+    table = read_competition_csv(multimodal_dir / "train.csv", require_labels=True)
+    photo = {g: multimodal_dir / "images" / f"{g}.jpg" for g in table.guids}
+    keep = [i for i, g in enumerate(table.guids) if photo[g].is_file() and photo[g].stat().st_size > 0][:150]
+    model = TextModel.load(text_run)
+    proba = model.predict_proba([table.descriptions[i] for i in keep])
+    y_true = [table.labels[i] for i in keep]
+    y_pred = [model.classes_[j] for j in proba.argmax(1)]
+    examples = [{"path": str(photo[table.guids[i]]), "text": table.descriptions[i], "guid": table.guids[i]} for i in keep]
+    out = tmp_path / "evaluation"
+    page = build_report_from_predictions(out, y_true, y_pred, proba, model.classes_, examples, title="Evaluation")
+    assert len(read_json(out / "metrics.json")["val_predictions"][0]["proba"]) == len(model.classes_)
+    check = open_in_chromium(page, tmp_path / "evaluation.png", height=5000)
+    assert len(_check_figures(check, out, tuple(f for f in FIGURES if f != "learning_curves"))) == 48 + 16
+    # Captions carry whole class names and wrap inside their 176-px cell rather than being cut.
+    longest = "предметы прикладного искусства, быта и этнографии"
+    long_captions = [c for c in check.captions if longest in c["text"]]
+    assert long_captions and "…" not in "".join(c["text"] for c in check.captions)
+    assert all(c["width"] <= 176 and c["lines"] >= 3 for c in long_captions), long_captions[:2]
+    assert page.stat().st_size < 2_000_000  # 64 photos as small JPEGs
 
 
 def test_interrupted_run_report(tmp_path, image_run):
     run = tmp_path / "interrupted"
     run.mkdir()
-    for name in ("config.json", "summary.csv", "last.pt"):
+    for name in ("config.json", "summary.csv", "last.pt", "member1/summary.csv"):
+        (run / name).parent.mkdir(exist_ok=True)
         shutil.copy(image_run / name, run / name)
     page = build_run_report(run)
     text = page.read_text(encoding="utf-8")
     assert "metrics.json is missing" in text and "--resume" in text
+    assert "each of the 2 networks" in text  # the second was still training
     assert (run / "learning_curves.png").is_file()
     assert not (run / "confusion_matrix.png").exists()
     assert not (run / "metrics.json").exists()  # nothing to compute it from: not invented
@@ -220,13 +354,14 @@ def test_report_of_1000_validation_images_is_quick(tmp_path, image_run, characte
     for name in ("config.json", "summary.csv"):
         shutil.copy(image_run / name, run / name)
     predictions = [{"path": str(items.paths[i]), "true": items.labels[i], "pred": classes[int(p.argmax())],
-                    "confidence": float(p.max())} for i, p in zip(val, proba)]
+                    "confidence": float(p.max()), "proba": p.tolist()} for i, p in zip(val, proba)]
     write_json(run / "metrics.json", {"history": read_json(image_run / "metrics.json")["history"],
-                                      "val_predictions": predictions})
+                                      "classes": classes, "val_predictions": predictions})
     start = time.perf_counter()
     page = build_run_report(run)
     seconds = time.perf_counter() - start
     print(f"report of 1,000 validation images: {seconds:.1f}s")
     assert seconds < 20
     assert _per_class_rows(page) == 10
+    assert (run / "pr_curves.png").is_file() and (run / "reliability.png").is_file()
     assert page.stat().st_size < 2_000_000  # bounded grid, small thumbnails

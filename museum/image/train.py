@@ -223,6 +223,9 @@ def fine_tune(config: ImageConfig, paths: list[Path], labels: list[str], val_pat
     if val is not None and n_members > 1:
         model.metric = val["macro_f1"]
     model.report_ = _report(val, outputs, val_paths, classes, loops[0].history, bests[0])
+    # What the auto options (0 or None in config.json) came to: the report shows them beside the config.
+    model.report_["resolved"] = {"input_size": size, "epochs": epochs, "mixup": mixup, "members": n_members, "device": device,
+                                 "workers": config.workers or default_workers(), "threads": torch.get_num_threads()}
     if n_members > 1:
         if info.is_main:  # best.pt held member 0 alone while the others trained
             model.write_files(out_dir)

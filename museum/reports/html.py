@@ -29,8 +29,19 @@ img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
 .note { background: #fff8e1; border-left: 4px solid #f9a825; padding: 0.5em 1em; margin: 0.6em 0; }
 .muted { color: #777; } td.text { max-width: 40em; }
 .kv { display: grid; grid-template-columns: repeat(auto-fill, minmax(17em, 1fr)); gap: 0.2em 1.2em; font-size: 0.9em; }
-.kv div { border-bottom: 1px dotted #ddd; } .kv span { color: #777; }
+.kv div { border-bottom: 1px dotted #ddd; } .kv span { color: #777; } .kv i { color: #777; font-style: normal; }
+.grid { display: flex; flex-wrap: wrap; gap: 0.9em 0.7em; margin: 0.6em 0; }
+.grid figure { margin: 0; width: 176px; font-size: 0.8em; line-height: 1.25; overflow-wrap: anywhere; }
+.grid .frame { width: 168px; height: 168px; display: flex; align-items: center; justify-content: center;
+               border: 2px solid #2e7d32; border-radius: 3px; background: #f6f6f6; }
+.grid figure.wrong .frame { border: 4px solid #c62828; width: 164px; height: 164px; }
+.grid img { max-width: 100%; max-height: 100%; margin: 0; }
+.grid figcaption { margin-top: 0.3em; } .grid .pred { color: #2e7d32; } .grid .wrong .pred { color: #c62828; font-weight: bold; }
 """
+
+
+class Raw(str):
+    """Markup built here from escaped parts: `fmt` passes it through as is."""
 
 
 def esc(value) -> str:
@@ -40,6 +51,8 @@ def esc(value) -> str:
 
 def fmt(value) -> str:
     """Numbers to 3-4 significant decimals, everything else as text; escaped."""
+    if isinstance(value, Raw):
+        return value
     if isinstance(value, bool) or value is None:
         return esc("—" if value is None else value)
     if isinstance(value, float):
@@ -82,6 +95,13 @@ def cards(items: dict) -> str:
 def key_values(items: dict) -> str:
     """Many short settings as a compact multi-column list."""
     return '<div class="kv">' + "".join(f"<div><span>{esc(k)}</span> {fmt(v)}</div>" for k, v in items.items()) + "</div>"
+
+
+def figure_grid(figures: Iterable[tuple[str, str, bool]]) -> str:
+    """A wrapping grid of (image tag, caption markup, wrong) cells; wrong ones framed in red."""
+    cells = [f'<figure class="{"wrong" if wrong else "right"}"><div class="frame">{image}</div>'
+             f"<figcaption>{caption}</figcaption></figure>" for image, caption, wrong in figures]
+    return f'<div class="grid">{"".join(cells)}</div>'
 
 
 def note(text: str) -> str:

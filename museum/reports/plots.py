@@ -128,60 +128,199 @@ def class_distribution(counts: dict[str, int], path: Path, title: str = "Class d
         return _save(fig, path)
 
 
-def learning_curves(history: Sequence[dict], path: Path, best_epoch: int | None = None) -> Path:
-    """Train/validation loss and validation macro-F1 (and accuracy) per epoch, side by side."""
-    epochs = [to_float(row.get("epoch")) for row in history]
-    with _figure(10, 3.8) as fig:
-        loss_ax, score_ax = fig.subplots(1, 2)
-        for ax, keys, ylabel in ((loss_ax, ("loss", "val_loss"), "loss"),
-                                 (score_ax, ("val_macro_f1", "val_accuracy"), "score")):
-            for key in keys:
-                values = [to_float(row.get(key)) for row in history]
-                if not all(math.isnan(v) for v in values):
-                    ax.plot(epochs, values, marker="o", markersize=4, label=key.replace("_", " "))
-            if best_epoch:
-                ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+# One colour per network of a multi-network run (matplotlib's default cycle, colour-blind safe order).
+NETWORK_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+REPORT_WIDTH = 11.0  # inches at 100 dpi: the page's column, so figures show at their natural size
+
+
+def learning_curves(curves: Sequence, path: Path, best_epoch: int | None = None) -> Path:
+    """Loss, validation macro-F1 and learning rate per epoch, in three panels side by side.
+
+    `curves` is one network's history (a list of per-epoch dicts), or a list of
+    (label, history, best epoch) with one entry per network of a multi-network run: each is
+    drawn in its own colour, training loss solid and validation loss dashed."""
+    from matplotlib.lines import Line2D
+
+    if curves and isinstance(curves[0], dict):
+        curves = [("", curves, best_epoch)]
+    several = len(curves) > 1
+    with _figure(REPORT_WIDTH, 3.6) as fig:
+        loss_ax, score_ax, lr_ax = fig.subplots(1, 3)
+        all_epochs: set[float] = set()
+        lr_values: list[float] = []
+        for k, (label, history, best) in enumerate(curves):
+            colour = NETWORK_COLOURS[k % len(NETWORK_COLOURS)]
+            epochs = [to_float(row.get("epoch")) for row in history]
+            all_epochs.update(e for e in epochs if not math.isnan(e))
+            column = {key: [to_float(row.get(key)) for row in history]
+                      for key in ("loss", "val_loss", "val_macro_f1", "val_accuracy", "lr")}
+            drawn = {key: not all(math.isnan(v) for v in values) for key, values in column.items()}
+            style = dict(marker="o", markersize=3.5)
+            if several:
+                for key, dashes in (("loss", "-"), ("val_loss", "--")):
+                    if drawn[key]:
+                        loss_ax.plot(epochs, column[key], dashes, color=colour, **style)
+                if drawn["val_macro_f1"]:
+                    score_ax.plot(epochs, column["val_macro_f1"], color=colour, label=label, **style)
+                    if best in epochs:
+                        score_ax.plot([best], [column["val_macro_f1"][epochs.index(best)]], "*", color=colour,
+                                      markersize=13, markeredgecolor="black", markeredgewidth=0.6)
+                if drawn["lr"]:
+                    lr_ax.plot(epochs, column["lr"], color=colour, label=label, **style)
+            else:
+                for ax, key, name in ((loss_ax, "loss", "training"), (loss_ax, "val_loss", "validation"),
+                                      (score_ax, "val_macro_f1", "macro-F1"), (score_ax, "val_accuracy", "accuracy"),
+                                      (lr_ax, "lr", "learning rate")):
+                    if drawn[key]:
+                        ax.plot(epochs, column[key], label=name, **style)
+                if best:
+                    for ax in (loss_ax, score_ax, lr_ax):
+                        ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best}")
+            lr_values += [v for v in column["lr"] if not math.isnan(v)]
+        for ax, ylabel in ((loss_ax, "loss"), (score_ax, "validation score"), (lr_ax, "learning rate")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-            if len(set(epochs)) <= 20:
-                ax.set_xticks(sorted(set(e for e in epochs if not math.isnan(e))))
+            if len(all_epochs) <= 20:
+                ax.set_xticks(sorted(all_epochs))
             else:
                 ax.xaxis.get_major_locator().set_params(integer=True)
+        positive = [v for v in lr_values if v > 0]
+        if positive and max(positive) / min(positive) > 20:  # warm-up and decay span decades
+            lr_ax.set_yscale("log")
+        if not lr_values:
+            lr_ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=lr_ax.transAxes, color="grey")
+        if several:
+            loss_ax.legend([Line2D([], [], color="grey"), Line2D([], [], color="grey", linestyle="--")],
+                           ["training", "validation"], fontsize=8)
+            score_ax.legend(fontsize=8, title="★ best epoch", title_fontsize=8)
+        else:
+            for ax in (loss_ax, score_ax, lr_ax):
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=8)
         score_ax.set_ylim(0, 1.02)
         loss_ax.set_title("Loss")
-        score_ax.set_title("Validation macro-F1")
+        score_ax.set_title("Validation macro-F1" + (f" of {len(curves)} networks" if several else ""))
+        lr_ax.set_title("Learning rate (end of epoch)")
         return _save(fig, path)
 
 
 def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "Confusion matrix") -> Path:
-    """Row-normalised heatmap (each true class sums to 1) with class names on both axes."""
+    """Row-normalised heatmap (each true class sums to 1).
+
+    Beyond 6 classes the columns are numbered and each row's name carries its number: long
+    Russian typologies stay horizontal and full-size instead of slanting across the figure."""
     matrix = np.asarray(matrix, dtype=np.float64)
     rows = matrix.sum(1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     n = len(classes)
-    side = max(4.5, 0.62 * n + 2.5)
-    with _figure(side + 2.0, side) as fig:
+    numbered = n > 6
+    cell = min(0.55, 7.0 / max(n, 1))  # inches: the matrix stays within the page's width
+    with _figure(min(REPORT_WIDTH, 5.0 + cell * n), 1.8 + cell * n + (0 if numbered else 0.8)) as fig:
         ax = fig.add_subplot()
         image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-        labels = [wrap_label(c, 24, 3) for c in classes]
-        ax.set_xticks(range(n), labels, rotation=60 if n > 5 else 0, ha="right" if n > 5 else "center",
-                      rotation_mode="anchor", fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
+        if numbered:
+            ax.set_xticks(range(n), [str(k + 1) for k in range(n)], fontsize=10)
+            ax.set_yticks(range(n), [f"{wrap_label(c, 34, 2)}  {k + 1:>2}" for k, c in enumerate(classes)], fontsize=10)
+        else:
+            ax.set_xticks(range(n), [wrap_label(c, 16, 3) for c in classes], fontsize=10)
+            ax.set_yticks(range(n), [wrap_label(c, 34, 2) for c in classes], fontsize=10)
+        ax.set_xlabel("predicted class" + (" (numbered as the rows)" if numbered else ""), fontsize=10)
+        ax.set_ylabel("true class", fontsize=10)
+        ax.tick_params(length=0)
         if n <= 25:  # beyond that the numbers would overlap
             for i in range(n):
                 for j in range(n):
                     if matrix[i, j]:
                         ax.text(j, i, f"{share[i, j]:.2f}".lstrip("0") if share[i, j] < 1 else "1", ha="center",
-                                va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+                                va="center", fontsize=9 if n <= 15 else 7, color="white" if share[i, j] > 0.5 else "black")
         ax.spines[:].set_visible(False)
         fig.colorbar(image, ax=ax, shrink=0.6, label="share of the true class")
         ax.set_title(f"{title} (row-normalised, {int(matrix.sum()):,} rows)")
         return _save(fig, path)
+
+
+def per_class_pr_curves(curves: Sequence[dict], path: Path, columns: int = 5) -> Path:
+    """One small precision–recall panel per class: the curve, its average precision, the share of the
+    class (what a random ranking reaches) and the point where the predictions operate.
+
+    Each item of `curves`: class, precision, recall (arrays), ap, support, and the operating
+    point's precision and recall (`at_precision`, `at_recall`)."""
+    columns = max(1, min(columns, len(curves)))
+    rows = max(1, math.ceil(len(curves) / columns))
+    with _figure(REPORT_WIDTH, 0.6 + 2.75 * rows) as fig:
+        axes = np.atleast_1d(fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)).ravel()
+        for ax, c in zip(axes, curves):
+            ax.step(c["recall"], c["precision"], where="post", color="#2b8cbe", linewidth=1.6)
+            ax.axhline(c["prevalence"], color="grey", linestyle="--", linewidth=0.8)
+            ax.plot([c["at_recall"]], [c["at_precision"]], "o", color=ERROR_COLOUR, markersize=4)
+            ax.set_title(f"{wrap_label(c['class'], 24, 3)}\nAP {c['ap']:.2f} · {c['support']} rows", fontsize=9,
+                         fontweight="normal")
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.05)
+            ax.grid(alpha=0.3)
+        for ax in axes[len(curves):]:
+            ax.set_visible(False)
+        for ax in axes.reshape(rows, columns)[:, 0]:
+            ax.set_ylabel("precision")
+        for ax in axes.reshape(rows, columns)[-1, :]:
+            ax.set_xlabel("recall")
+        fig.suptitle("worst average precision (AP) first · dashed: the class's share of the rows, what a random "
+                     "ranking reaches · red dot: the predictions as made", fontsize=9, color="#555555")
+        return _save(fig, path)
+
+
+def reliability_diagram(confidence: Sequence[float], correct: Sequence[bool], path: Path, bins: int = 10) -> Path:
+    """Calibration: accuracy against confidence in equal-width bins (on the diagonal when calibrated),
+    with the expected calibration error, and beside it how many rows fall in each bin."""
+    confidence = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    correct = np.asarray(correct, dtype=bool)
+    stats = calibration_bins(confidence, correct, bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    width = 1.0 / bins
+    with _figure(REPORT_WIDTH, 4.0) as fig:
+        rel_ax, count_ax = fig.subplots(1, 2)
+        used = stats["count"] > 0
+        left = edges[:-1][used]
+        rel_ax.bar(left, stats["accuracy"][used], width=width, align="edge", color="#9ecae1", edgecolor="white",
+                   label="accuracy of the bin")
+        gap_bottom = np.minimum(stats["accuracy"][used], stats["confidence"][used])
+        rel_ax.bar(left, np.abs(stats["accuracy"][used] - stats["confidence"][used]), bottom=gap_bottom, width=width,
+                   align="edge", fill=False, hatch="///", edgecolor=ERROR_COLOUR, linewidth=0.8,
+                   label="gap to its mean confidence")
+        rel_ax.plot(left + width / 2, stats["confidence"][used], "_", color="black", markersize=14, markeredgewidth=2,
+                    label="mean confidence of the bin")
+        rel_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+        rel_ax.set_xlim(0, 1)
+        rel_ax.set_ylim(0, 1.02)
+        rel_ax.set_xlabel("confidence (top probability)")
+        rel_ax.set_ylabel("accuracy")
+        rel_ax.set_title(f"Reliability: expected calibration error {stats['ece']:.3f}")
+        rel_ax.legend(fontsize=8, loc="upper left")
+        rel_ax.grid(alpha=0.3)
+        right = confidence[correct], confidence[~correct]
+        count_ax.hist(right, bins=edges, stacked=True, color=[OK_COLOUR, ERROR_COLOUR],
+                      label=[f"right ({int(correct.sum()):,})", f"wrong ({int((~correct).sum()):,})"])
+        count_ax.set_xlim(0, 1)
+        count_ax.set_xlabel("confidence (top probability)")
+        count_ax.set_ylabel("rows")
+        count_ax.set_title(f"Confidence of {len(confidence):,} validation rows")
+        count_ax.legend(fontsize=8, loc="upper left")
+        count_ax.grid(alpha=0.3)
+        return _save(fig, path)
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+    """Per equal-width confidence bin: row count, accuracy and mean confidence; and the expected
+    calibration error (the count-weighted mean gap between the two)."""
+    index = np.minimum((np.asarray(confidence) * bins).astype(int), bins - 1)
+    count = np.bincount(index, minlength=bins)
+    hits = np.bincount(index, weights=np.asarray(correct, dtype=np.float64), minlength=bins)
+    total = np.bincount(index, weights=np.asarray(confidence, dtype=np.float64), minlength=bins)
+    accuracy = np.divide(hits, count, out=np.zeros(bins), where=count > 0)
+    mean_conf = np.divide(total, count, out=np.zeros(bins), where=count > 0)
+    ece = float(np.sum(count * np.abs(accuracy - mean_conf)) / max(count.sum(), 1))
+    return {"count": count, "accuracy": accuracy, "confidence": mean_conf, "ece": ece}
 
 
 def roc_pr_curves(binary: dict, path: Path) -> Path:
@@ -267,64 +406,3 @@ def size_scatter(widths: Sequence[int], heights: Sequence[int], outlier: Sequenc
         ax.legend(fontsize=8)
         ax.set_title(title)
         return _save(fig, path)
-
-
-def image_grid(examples: Sequence[dict], path: Path, title: str, columns: int = 8, thumb: int = 88) -> Path:
-    """Thumbnails with true class, predicted class and confidence; errors framed and captioned in red.
-
-    Each example is a dict with `path`, `true`, `pred` and `confidence`. The thumbnails are
-    pasted into one mosaic drawn on a single axes (dozens of axes would take seconds to lay
-    out), and the PNG is saved with a 256-colour palette to keep photos small. Unreadable or
-    missing files become a grey tile that says why, so a moved data folder still yields a report.
-    """
-    cell_w, caption = thumb + 28, 32
-    cell_h = thumb + caption + 10
-    columns = max(1, min(columns, len(examples)))
-    rows = max(1, math.ceil(len(examples) / columns))
-    mosaic = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
-    notes = []
-    for k, ex in enumerate(examples):
-        r, c = divmod(k, columns)
-        tile, reason = _thumbnail(ex["path"], thumb)
-        wrong = ex["true"] != ex["pred"]
-        h, w = tile.shape[:2]
-        x, y = c * cell_w + (cell_w - w) // 2, r * cell_h + caption + (thumb - h) // 2
-        b = 3 if wrong else 1
-        mosaic[y - b:y + h + b, x - b:x + w + b] = _rgb(ERROR_COLOUR if wrong else OK_COLOUR)
-        mosaic[y:y + h, x:x + w] = tile
-        label = f"T: {shorten(ex['true'], 17)}\n{'✗ ' if wrong else ''}P: {shorten(ex['pred'], 12)} {ex['confidence']:.2f}"
-        notes.append((c * cell_w + cell_w / 2, r * cell_h + caption - 3, label, wrong, reason, x + w / 2, y + h / 2))
-    height, width = mosaic.shape[:2]
-    with _figure(width / 100, (height + 36) / 100, layout=None) as fig:
-        ax = fig.add_axes((0, 0, 1, height / (height + 36)))
-        ax.imshow(mosaic, interpolation="nearest")
-        ax.set_axis_off()
-        for cx, cy, label, wrong, reason, tx, ty in notes:
-            ax.text(cx, cy, label, ha="center", va="bottom", fontsize=7, linespacing=1.1,
-                    color=ERROR_COLOUR if wrong else OK_COLOUR)
-            if reason:
-                ax.text(tx, ty, reason, ha="center", va="center", fontsize=7)
-        fig.text(0.5, 1 - 8 / (height + 36), title, ha="center", va="top", fontsize=11, fontweight="bold")
-        return _save(fig, path, palette=True, tight=False)
-
-
-def _thumbnail(path, size: int) -> tuple[np.ndarray, str]:
-    """(uint8 RGB array fitting in size × size, "") or a grey tile and the reason it could not be read."""
-    from PIL import Image
-
-    from museum.data.images import ImageDecodeError, safe_open_image
-
-    try:
-        img = safe_open_image(path, draft=size)
-    except ImageDecodeError as exc:
-        return np.full((size, size, 3), 215, dtype=np.uint8), exc.reason
-    scale = size / max(img.size)
-    if scale < 1:
-        img.thumbnail((size, size))
-    elif scale >= 2:  # blow tiny thumbnails (28 px) up by whole pixels, so they stay sharp and visible
-        img = img.resize((img.width * int(scale), img.height * int(scale)), Image.NEAREST)
-    return np.asarray(img, dtype=np.uint8), ""
-
-
-def _rgb(colour: str) -> np.ndarray:
-    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.uint8)

@@ -1,9 +1,11 @@
 """`report.html` (and its PNG figures) for a training run or for predictions on a labelled file.
 
 `build_run_report(run_dir)` reads what a text or image run folder holds: `config.json`,
-`summary.csv` (one row per epoch) and `metrics.json` (per-class report and validation
-predictions). An interrupted run has no `metrics.json` yet: its report still shows the
-config and the learning curves, and says what is missing. `build_report_from_predictions`
+`summary.csv` (one row per epoch; `member1/`, `member2/`… hold those of the other networks of a
+multi-network run) and `metrics.json` (per-class report, validation predictions with every
+class's probability, and `resolved`: what the automatic options came to). An interrupted run
+has no `metrics.json` yet: its report still shows the config and the learning curves, and
+says what is missing. `build_report_from_predictions`
 writes the same report, plus `metrics.json`, for any labelled predictions (`museum evaluate`).
 """
 
@@ -23,12 +25,17 @@ from museum.errors import MuseumError
 from museum.log import logger
 from museum.metrics import classification_metrics
 from museum.reports import html, plots
+from museum.reports.thumbs import thumbnail_tag
 from museum.utils import read_json, write_json
 
 GRID_EXAMPLES = 48  # bounded so that the report of a huge validation set stays quick and small
 WORST_EXAMPLES = 16
 WORST_TEXTS = 25
 CONFUSED_PAIRS = 12
+PR_PANELS = 30  # classes with a precision-recall panel (the worst ones), so a 100-class run stays readable
+# Options whose value in config.json means "chosen by the trainer"; `resolved` in metrics.json says what it chose.
+AUTO = {"input_size": 0, "epochs": 0, "members": 0, "mixup": None, "workers": 0, "threads": 0, "device": "auto",
+        "blend_weight": None}
 
 
 @dataclass
@@ -47,6 +54,10 @@ class ReportInput:
     data: dict = field(default_factory=dict)  # data summary: name → value
     notes: list[str] = field(default_factory=list)  # what is missing, and caveats
     binary: dict | None = None  # yes/no tasks: `museum.image.binary.binary_analysis` output
+    resolved: dict = field(default_factory=dict)  # what the config's automatic options came to
+    # Multi-network runs: (label, history, best epoch) of every network, the first one included.
+    networks: list[tuple[str, list[dict], int | None]] = field(default_factory=list)
+    members: list[dict] = field(default_factory=list)  # each network's seed, best epoch and validation macro-F1
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -93,22 +104,68 @@ def _build_run_report(run_dir: str | Path) -> Path:
     elif not examples:
         notes.append("metrics.json holds no val_predictions: no confusion matrix or examples")
     members = saved.get("members") or []
-    if members:
-        notes.append(f"the learning curves follow the first of {len(members)} networks; the scores above are those "
+    networks = _networks(run_dir, history, members, saved.get("best_epoch") or _best_epoch(history))
+    if len(networks) > 1:
+        notes.append(f"the learning curves show each of the {len(networks)} networks; the scores above are those "
                      "of their averaged probabilities (each network's score is under Data)")
     names = {"train_rows": "training rows", "val_rows": "validation rows", "blend_weights": "blend weights",
              "seconds": "training seconds"}
     data = {label: _plain_text(saved[key]) for key, label in names.items() if key in saved}
     data.update({f"{name} validation macro-F1": value for name, value in (saved.get("experts") or {}).items()})
-    if members:
-        data["networks' validation macro-F1"] = " · ".join(f"seed {m['seed']}: {m['best_metric']:.4f} (epoch {m['best_epoch']})"
-                                                          for m in members)
+    # Image runs keep their probability columns in sorted class order (the trainer's), as counted here.
+    classes = list(saved.get("classes") or sorted(saved.get("train_class_counts") or {}))
     report = ReportInput(
         title=f"{kind.capitalize()} run {run_dir.resolve().name}", kind=kind, config=config, history=history,
-        best_epoch=saved.get("best_epoch") or _best_epoch(history), classes=list(saved.get("classes") or []),
+        best_epoch=saved.get("best_epoch") or _best_epoch(history), classes=classes,
         examples=examples, metrics=metrics, data=data, notes=notes, binary=saved.get("binary"),
+        resolved=_resolved(run_dir, config, saved), networks=networks if len(networks) > 1 else [],
+        members=members,
     )
     return render_report(run_dir, report)
+
+
+def _networks(run_dir: Path, history: list[dict], members: list[dict], best: int | None) -> list[tuple]:
+    """(label, history, best epoch) of each network: the first in the run folder, the others in member1/, member2/…"""
+    networks = [(_network_label(0, members), history, best)]
+    k = 1
+    while (run_dir / f"member{k}" / "summary.csv").is_file():
+        extra = _read_summary(run_dir / f"member{k}" / "summary.csv")
+        saved_best = members[k].get("best_epoch") if k < len(members) else None
+        networks.append((_network_label(k, members), extra, saved_best or _best_epoch(extra)))
+        k += 1
+    return networks
+
+
+def _network_label(k: int, members: list[dict]) -> str:
+    return f"network {k + 1}" + (f" (seed {members[k]['seed']})" if k < len(members) and "seed" in members[k] else "")
+
+
+def _resolved(run_dir: Path, config: dict, saved: dict) -> dict:
+    """What the automatic options came to: metrics.json's `resolved`, completed for runs written before it
+    from what else the folder holds (the checkpoint's input size and network count, the blend weights)."""
+    resolved = dict(saved.get("resolved") or {})
+    weights = saved.get("blend_weights")
+    if "blend_weight" not in resolved and isinstance(weights, dict) and "lstm" in weights:
+        resolved["blend_weight"] = weights["lstm"]
+    if "members" not in resolved and saved and config.get("head", "finetune") == "finetune" and "backbone" in config:
+        resolved["members"] = len(saved.get("members") or []) or 1
+    if "input_size" not in resolved:
+        resolved.update({k: v for k, v in _checkpoint_meta(run_dir).items() if k not in resolved})
+    return resolved
+
+
+def _checkpoint_meta(run_dir: Path) -> dict:
+    """input_size and members from best.pt (else last.pt) of an image run; {} when there is none or it can't be read."""
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / name).is_file():
+            try:
+                import torch
+
+                meta = torch.load(run_dir / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # a report never fails for want of a detail
+                return {}
+            return {k: meta[k] for k in ("input_size", "members") if isinstance(meta.get(k), int)}
+    return {}
 
 
 def _plain_text(value):
@@ -149,6 +206,7 @@ def build_report_from_predictions(
             row["confidence"] = float(np.max(proba[i]))
             if t in col:  # a class no model knows has no probability, hence no loss
                 row["loss"] = float(-math.log(max(float(proba[i, col[t]]), 1e-9)))
+            row["proba"] = [round(float(v), 6) for v in proba[i]]  # the precision-recall curves need them
         rows.append(row)
     metrics = classification_metrics(y_true, y_pred)
     write_json(out_dir / "metrics.json", {**metrics, "kind": "predictions", "classes": classes,
@@ -178,20 +236,39 @@ def render_report(out_dir: Path, report: ReportInput) -> Path:
         summary["best epoch"] = report.best_epoch
     if report.history:
         summary["epochs run"] = len(report.history)
-    sections.append(html.cards(summary) + "".join(html.note(m) for m in report.notes))
+    pr = _pr_curves(examples, report.classes)
+    notes = list(report.notes)
+    if pr is None and examples and report.kind != "predictions":  # predictions without probabilities say so already
+        notes.append("the validation predictions carry no per-class probabilities (a run written before they were "
+                     "saved): no precision-recall curves; retrain to get them")
+    elif pr and pr["unseen"]:
+        notes.append(f"no validation row of {', '.join(pr['unseen'][:5])}{' …' if len(pr['unseen']) > 5 else ''}: "
+                     "no precision-recall curve for it")
+    if pr and pr["curves"]:
+        summary["mean average precision"] = pr["mean_ap"]
+    else:
+        pr = None
+    sections.append(html.cards(summary) + "".join(html.note(m) for m in notes))
     if report.config:
-        sections.append(html.section("Config", html.key_values(dict(sorted(report.config.items())))))
+        sections.append(_config_section(report.config, report.resolved))
     sections.append(_data_section(out_dir, report, metrics))
-    if report.history:
-        figure = plots.learning_curves(report.history, out_dir / "learning_curves.png", report.best_epoch)
+    if report.history or report.networks:
+        figure = plots.learning_curves(report.networks or report.history, out_dir / "learning_curves.png",
+                                       report.best_epoch)
         sections.append(html.section("Learning curves", html.png(figure, "learning curves")))
     if metrics:
-        sections.append(_per_class_section(out_dir, metrics))
+        sections.append(_per_class_section(out_dir, metrics, pr))
+    if pr:
+        figure = plots.per_class_pr_curves(pr["curves"][:PR_PANELS], out_dir / "pr_curves.png")
+        shown = "" if len(pr["curves"]) <= PR_PANELS else f" (the {PR_PANELS} worst of {len(pr['curves'])} classes)"
+        sections.append(html.section(f"Precision–recall per class{shown}", html.png(figure, "precision-recall curves")))
     if report.binary:
         sections.append(_binary_section(out_dir, report.binary))
+    if any(e.get("confidence") is not None for e in examples):
+        sections.append(_reliability_section(out_dir, examples))
     if examples:
         sections.append(_confusion_section(out_dir, examples, report.classes))
-        sections.extend(_example_sections(out_dir, examples))
+        sections.extend(_example_sections(examples))
     subtitle = f"{report.kind} report written {time.strftime('%Y-%m-%d %H:%M')} from {out_dir.resolve()}"
     path = html.write_page(out_dir / "report.html", html.page(report.title, subtitle, sections))
     # debug: a trainer builds the report in a staging folder whose name means nothing to the user
@@ -205,20 +282,85 @@ def _data_section(out_dir: Path, report: ReportInput, metrics: dict | None) -> s
     parts = []
     if report.data:
         parts.append(html.key_values(report.data))
+    if report.members:
+        parts.append(html.table(("network", "seed", "best epoch", "validation macro-F1 alone"),
+                                [(k + 1, m.get("seed"), m.get("best_epoch"), m.get("best_metric"))
+                                 for k, m in enumerate(report.members)]))
     if counts:
         parts.append(html.png(plots.class_distribution(dict(counts), out_dir / "class_distribution.png",
                                                        "Validation classes"), "validation class distribution"))
     return html.section("Data", *parts) if parts else ""
 
 
-def _per_class_section(out_dir: Path, metrics: dict) -> str:
+def _config_section(config: dict, resolved: dict) -> str:
+    """Every option; an automatic one shows the value the trainer chose for it."""
+    items = {}
+    for key, value in sorted(config.items()):
+        marker = AUTO.get(key, ...)
+        automatic = key in AUTO and (value is None if marker is None else value == marker and not isinstance(value, bool))
+        if not automatic:
+            items[key] = html.Raw(html.esc(_compact(value))) if isinstance(value, float) else value
+        elif resolved.get(key) is not None:
+            items[key] = html.Raw(f"<b>{html.esc(_compact(resolved[key]))}</b> <i>(auto)</i>")
+        else:
+            items[key] = html.Raw("<i>auto (not recorded by this run)</i>")
+    return html.section("Config", html.key_values(items),
+                        '<p class="muted">(auto): left to the trainer, which chose the value shown.</p>')
+
+
+def _compact(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _per_class_section(out_dir: Path, metrics: dict, pr: dict | None) -> str:
     per_class = metrics["per_class"]
     rows = sorted(per_class.items(), key=lambda kv: (kv[1]["f1"], kv[0]))
-    table = html.table(("class", "precision", "recall", "F1", "support"),
-                       [(c, m["precision"], m["recall"], m["f1"], m["support"]) for c, m in rows],
+    ap = pr["ap"] if pr else {}
+    table = html.table(("class", "precision", "recall", "F1", "support") + (("average precision",) if ap else ()),
+                       [(c, m["precision"], m["recall"], m["f1"], m["support"]) + ((ap.get(c),) if ap else ())
+                        for c, m in rows],
                        bad_rows=[m["f1"] < metrics["macro_f1"] for _, m in rows])
     figure = plots.per_class_scores(per_class, out_dir / "per_class.png")
     return html.section("Per-class scores (worst F1 first; shaded: below macro-F1)", table, html.png(figure, "per-class scores"))
+
+
+def _pr_curves(examples: list[dict], classes: Sequence[str]) -> dict | None:
+    """Per class: its precision-recall curve, average precision and operating point, worst first;
+    None when the rows do not all carry probabilities for `classes`."""
+    if not examples or not classes or any(len(e.get("proba") or ()) != len(classes) for e in examples):
+        return None
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    proba = np.asarray([e["proba"] for e in examples], dtype=np.float64)
+    truth = np.array([e["true"] for e in examples], dtype=object)
+    pred = np.array([e["pred"] for e in examples], dtype=object)
+    curves, unseen = [], []
+    for j, c in enumerate(classes):
+        positive = truth == c
+        if not positive.any():
+            unseen.append(c)
+            continue
+        precision, recall, _ = precision_recall_curve(positive, proba[:, j])
+        chosen = pred == c
+        hits = int((chosen & positive).sum())
+        curves.append({"class": c, "precision": precision, "recall": recall,
+                       "ap": float(average_precision_score(positive, proba[:, j])), "support": int(positive.sum()),
+                       "prevalence": float(positive.mean()), "at_recall": hits / int(positive.sum()),
+                       "at_precision": hits / int(chosen.sum()) if chosen.any() else 0.0})
+    curves.sort(key=lambda c: (c["ap"], c["class"]))
+    ap = {c["class"]: c["ap"] for c in curves}
+    return {"curves": curves, "ap": ap, "mean_ap": float(np.mean(list(ap.values()))) if ap else float("nan"),
+            "unseen": unseen}
+
+
+def _reliability_section(out_dir: Path, examples: list[dict]) -> str:
+    rows = [e for e in examples if e.get("confidence") is not None]
+    confidence = [float(e["confidence"]) for e in rows]
+    correct = [e["true"] == e["pred"] for e in rows]
+    figure = plots.reliability_diagram(confidence, correct, out_dir / "reliability.png")
+    return html.section("Calibration (reliability diagram)", html.png(figure, "reliability diagram"), html.note(
+        "A calibrated model is right as often as it is confident: bars on the diagonal. Bars below it mean "
+        "over-confidence; the red gaps, weighted by their rows, add up to the expected calibration error."))
 
 
 def _binary_section(out_dir: Path, b: dict) -> str:
@@ -251,7 +393,7 @@ def _confusion_section(out_dir: Path, examples: list[dict], classes: Sequence[st
                         "<h3>Most-confused pairs</h3>", table if pairs else html.note("no errors"))
 
 
-def _example_sections(out_dir: Path, examples: list[dict]) -> list[str]:
+def _example_sections(examples: list[dict]) -> list[str]:
     worst = sorted(examples, key=_loss_key, reverse=True)
     exact = all("loss" in e for e in examples)
     ranking = "" if exact else (" Only the top probability was saved: wrong predictions are ranked by their "
@@ -261,12 +403,11 @@ def _example_sections(out_dir: Path, examples: list[dict]) -> list[str]:
     if images:
         sample = _spread(images, GRID_EXAMPLES)
         wrong = sum(e["true"] != e["pred"] for e in sample)
-        grid = plots.image_grid(sample, out_dir / "examples.png", f"{len(sample)} validation examples ({wrong} wrong)")
         worst_images = [e for e in worst if e.get("path")][:WORST_EXAMPLES]
-        worst_grid = plots.image_grid(worst_images, out_dir / "highest_loss.png", "Highest-loss validation examples")
-        sections.append(html.section("Validation examples", html.note("Red frame and ✗: wrong prediction."),
-                                     html.png(grid, "validation examples")))
-        sections.append(html.section("Highest-loss examples", html.png(worst_grid, "highest-loss examples"),
+        sections.append(html.section(f"Validation examples: {len(sample)}, {wrong} wrong",
+                                     html.note("Red frame and ✗: wrong prediction. Taken class by class in turn, "
+                                               "so that rare classes show too."), _image_grid(sample)))
+        sections.append(html.section("Highest-loss examples", _image_grid(worst_images, with_loss=True),
                                      html.note(ranking) if ranking else ""))
     texts = [e for e in worst if e.get("text")][:WORST_TEXTS]
     if texts:
@@ -276,6 +417,19 @@ def _example_sections(out_dir: Path, examples: list[dict]) -> list[str]:
                                                 bad_rows=[e["true"] != e["pred"] for e in texts]),
                                      html.note(ranking) if ranking else ""))
     return sections
+
+
+def _image_grid(examples: list[dict], with_loss: bool = False) -> str:
+    """Thumbnails with the true and predicted class (full names, wrapped) and the confidence."""
+    figures = []
+    for e in examples:
+        wrong = e["true"] != e["pred"]
+        confidence = f" · {float(e['confidence']):.2f}" if e.get("confidence") is not None else ""
+        loss = f'<br><span class="muted">loss {float(e["loss"]):.2f}</span>' if with_loss and e.get("loss") is not None else ""
+        caption = (f'<span class="muted">true</span> {html.esc(e["true"])}<br>'
+                   f'<span class="pred">{"✗ " if wrong else ""}predicted {html.esc(e["pred"])}{confidence}</span>{loss}')
+        figures.append((thumbnail_tag(e["path"], Path(e["path"]).name), caption, wrong))
+    return html.figure_grid(figures)
 
 
 # ----------------------------------------------------------------------------- helpers

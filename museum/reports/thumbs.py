@@ -1,8 +1,9 @@
 """Image thumbnails as `<img>` tags carrying a small JPEG as a data URI.
 
-The clean and dedup pages show one thumbnail per item in a table, so each item gets its own
-tiny JPEG (a few kB) rather than one mosaic PNG: a page of 100 items stays well under a
-megabyte, and, like every report, opens with no network and no files beside it.
+The clean and dedup pages and the run reports' example grids show one thumbnail per item, so
+each item gets its own small JPEG (a few kB) rather than one mosaic PNG: a page of 100 items
+stays well under a megabyte, captions are real text that wraps, and, like every report, the
+page opens with no network and no files beside it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 
 from museum.reports.html import esc
 
-THUMB = 96  # pixels on the longer side
+THUMB = 160  # pixels on the longer side: enough to tell what a photo shows
 
 
 def thumbnail_tag(path: str | Path | None, alt: str, size: int = THUMB) -> str:
-    """`<img>` of the image at `path` fitting in size × size, or a grey note saying why it can't be shown."""
+    """`<img>` of the image at `path` scaled so its longer side is `size`, or a grey note saying why it can't be shown."""
     from PIL import Image
 
     from museum.data.images import ImageDecodeError, safe_open_image
@@ -28,11 +29,12 @@ def thumbnail_tag(path: str | Path | None, alt: str, size: int = THUMB) -> str:
         img = safe_open_image(path, draft=size)
     except ImageDecodeError as exc:  # a moved or broken file still yields a page
         return f'<span class="muted">{esc(exc.reason)}</span>'
-    if max(img.size) > size:
+    scale = size / max(img.size)
+    if scale < 1:
         img.thumbnail((size, size))
-    elif max(img.size) * 2 <= size:  # blow 28-px images up by whole pixels so they stay visible
-        k = size // max(img.size)
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    elif scale > 1:  # small images (28-px sprites) fill the box too; blocky pixels stay sharper than blur
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.NEAREST if scale >= 2 else Image.BICUBIC)
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=80)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -15,12 +15,26 @@ from museum.serve.jobs import Job
 from museum.serve.limits import MB, Limits
 from museum.serve.service import MAX_DESCRIPTION_CHARS, Prediction, Predictor
 
-ROUTE_NOTES = {  # the same words as app.js
-    "text": "the description alone was sure enough",
-    "image": "the photo alone was sure enough",
-    "blend": "neither was sure alone: both were blended",
-    "fallback": "no usable input: the most frequent class",
-}
+WHAT = {"text": "description", "image": "photo"}
+
+
+def route_note(prediction: Prediction, thresholds: dict[str, float]) -> str:
+    """What the route means for this item, in the same words as app.js's `routeNote`.
+
+    An input counts as sure only above its threshold (strict `>`, as the cascade routes): a row
+    with one modality goes to it however unsure it is, and the note must not call it sure then."""
+    given = {kind: e for kind, e in prediction.experts.items() if e is not None}
+    sure = {kind: e["probability"] > thresholds[kind] for kind, e in given.items()}
+    route = prediction.route
+    if route in WHAT and len(given) == 1:
+        limit = f"{100 * thresholds[route]:.0f}%"
+        return (f"only the {WHAT[route]} was used, and it was sure enough (above {limit})" if sure[route] else
+                f"only the {WHAT[route]} was used: its best guess, not sure ({limit} or less)")
+    if route in WHAT:
+        return f"the {WHAT[route]} alone was sure enough"
+    if route == "blend":
+        return "neither was sure alone: both were blended" if not any(sure.values()) else "both were combined"
+    return "no usable input: the most frequent class"
 
 
 def static_file(name: str) -> bytes:
@@ -56,6 +70,7 @@ def render_page(predictor: Predictor, limits: Limits, prediction: Prediction | N
     loaded = [f"{kind} model ({len(m.classes_)} classes)" for kind, m in (("text", experts.text), ("image", experts.image))
               if m is not None]
     p = prediction
+    thresholds = {"text": predictor.setup.config.text_threshold, "image": predictor.setup.config.image_threshold}
     return _template("page.html").substitute(
         models=escape("Loaded: " + ", ".join(loaded)),
         max_mb=limits.upload_bytes // MB,
@@ -69,7 +84,9 @@ def render_page(predictor: Predictor, limits: Limits, prediction: Prediction | N
         result_hidden="" if p else "hidden",
         typology=escape(p.typology) if p else "",
         route=escape(p.route) if p else "",
-        route_note=ROUTE_NOTES.get(p.route, "") if p else "",
+        route_note=escape(route_note(p, thresholds)) if p else "",
+        text_threshold=thresholds["text"],
+        image_threshold=thresholds["image"],
         bars=_bars(p) if p else "",
         experts=_experts_line(p) if p else "",
         warnings="".join(f"<li>{escape(w)}</li>" for w in p.warnings) if p else "",

@@ -3,13 +3,23 @@
 
 const $ = (id) => document.getElementById(id);
 
-// Route names the cascade reports, with what they mean for the curator.
-const ROUTE_NOTES = {
-  text: "the description alone was sure enough",
-  image: "the photo alone was sure enough",
-  blend: "neither was sure alone: both were blended",
-  fallback: "no usable input: the most frequent class",
-};
+// What the route means for this item, in the same words as page.py's `route_note`. An input is sure only
+// above its threshold (strict >, as the cascade routes): a row with one modality goes to it however unsure.
+const WHAT = { text: "description", image: "photo" };
+
+function routeNote(r) {
+  const thresholds = { text: Number($("result").dataset.textThreshold), image: Number($("result").dataset.imageThreshold) };
+  const given = Object.keys(r.experts).filter((kind) => r.experts[kind]);
+  const sure = (kind) => r.experts[kind].probability > thresholds[kind];
+  if (WHAT[r.route] && given.length === 1) {
+    const limit = `${(100 * thresholds[r.route]).toFixed(0)}%`;
+    return sure(r.route) ? `only the ${WHAT[r.route]} was used, and it was sure enough (above ${limit})`
+      : `only the ${WHAT[r.route]} was used: its best guess, not sure (${limit} or less)`;
+  }
+  if (WHAT[r.route]) return `the ${WHAT[r.route]} alone was sure enough`;
+  if (r.route === "blend") return given.some(sure) ? "both were combined" : "neither was sure alone: both were blended";
+  return "no usable input: the most frequent class";
+}
 
 function showError(message) {
   $("error").textContent = message;
@@ -47,7 +57,7 @@ function bar(name, p) {
 function showResult(r) {
   $("typology").textContent = r.typology;
   $("route").textContent = r.route;
-  $("route-note").textContent = ROUTE_NOTES[r.route] || "";
+  $("route-note").textContent = routeNote(r);
   $("bars").replaceChildren(...r.classes.slice(0, 5).map((c, i) => bar(c, r.probabilities[i])));
   const parts = [];
   for (const kind of ["text", "image"]) {
