@@ -8,14 +8,14 @@ is cut once, its vocabulary indices are cached, and a text costs a lookup per wo
 
 from __future__ import annotations
 
-import gc
-from collections import Counter
-from itertools import chain
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
+
+from museum.text.tokenize import ChunkTable, paused_gc, split_chunks
 
 MAX_CACHED_WORDS = 500_000  # ~100 MB at most; catalogue text repeats a few tens of thousands of words
 
@@ -33,51 +33,64 @@ def word_ngrams(word: str, min_n: int, max_n: int) -> list[str]:
 
 
 class CharWbTransformer:
-    """`vectorizer.transform(texts)` for a fitted `TfidfVectorizer(analyzer="char_wb")`, with a word cache."""
+    """`vectorizer.transform(texts)` for a fitted `TfidfVectorizer(analyzer="char_wb")`, with a word cache.
 
-    def __init__(self, vectorizer: TfidfVectorizer) -> None:
+    The cache is a `ChunkTable`: a row of n-gram indices per whitespace-separated word met so far,
+    i.e. a sparse (words × n-grams) matrix; a call builds the (texts × words) counts and multiplies,
+    both in C. `prepare` (e.g. `normalise`) is applied to each word first, as if to the whole text:
+    it must work character by character."""
+
+    def __init__(self, vectorizer: TfidfVectorizer, prepare: Callable[[str], str] | None = None) -> None:
         if vectorizer.analyzer != "char_wb" or not vectorizer.lowercase or vectorizer.preprocessor is not None \
                 or vectorizer.strip_accents is not None:
             raise ValueError("CharWbTransformer reproduces plain lower-cased char_wb vectorizers only")
         self.vectorizer = vectorizer
-        self._cache: dict[str, list[int]] = {}
+        self.prepare = prepare
+        self._words = ChunkTable(self._indices, limit=MAX_CACHED_WORDS)
+        self._ones = np.ones(0, dtype=np.float32)
 
     def _indices(self, word: str) -> list[int]:
-        found = self._cache.get(word)
-        if found is None:
-            vocabulary = self.vectorizer.vocabulary_
-            min_n, max_n = self.vectorizer.ngram_range
-            found = [j for j in map(vocabulary.get, word_ngrams(word, min_n, max_n)) if j is not None]
-            if len(self._cache) < MAX_CACHED_WORDS:
-                self._cache[word] = found
-        return found
+        vocabulary = self.vectorizer.vocabulary_
+        min_n, max_n = self.vectorizer.ngram_range
+        word = (self.prepare(word) if self.prepare else word).lower()
+        return [j for j in map(vocabulary.get, word_ngrams(word, min_n, max_n)) if j is not None]
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
-        v = self.vectorizer
-        indices: list[int] = []
-        counts: list[int] = []
-        indptr = [0]
-        # No reference cycles are made here, but filling the cache allocates enough containers to set
-        # off full collections that walk the whole loaded model: a process's first call took 0.22 s
-        # instead of 0.07 s on test.csv's 676 descriptions until the collector was paused.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            for text in texts:
-                # str.split() is the whitespace rule scikit-learn's char_wb analyser applies after lower-casing.
-                counted = Counter(chain.from_iterable(map(self._indices, text.lower().split())))
-                indices.extend(counted.keys())
-                counts.extend(counted.values())
-                indptr.append(len(indices))
-        finally:
-            if collecting:
-                gc.enable()
-        x = sp.csr_matrix((np.array(counts, dtype=v.dtype), np.array(indices, dtype=np.int32),
-                           np.array(indptr, dtype=np.int32)), shape=(len(texts), len(v.vocabulary_)))
-        x.sort_indices()
-        # scikit-learn's TfidfTransformer steps, in its order: sublinear tf, idf, l2 norm.
-        if v.sublinear_tf:
-            np.log(x.data, x.data)
-            x.data += 1.0
-        x.data *= v.idf_[x.indices]
-        return normalize(x, norm=v.norm, copy=False)
+        return self.transform_chunks(*split_chunks(texts))
+
+    def transform_chunks(self, chunks: list[str], counts: np.ndarray) -> sp.csr_matrix:
+        """`transform` of texts given as `split_chunks` returns them (str.split() is the whitespace rule
+        scikit-learn's char_wb analyser applies, after lower-casing, which keeps whitespace as it is)."""
+        with paused_gc():
+            rows = self._words.ids(chunks)
+        table = self._words
+        if len(self._ones) < len(table.values):
+            self._ones = np.ones(2 * len(table.values), dtype=np.float32)
+        # int32 indices throughout: scipy would copy the whole table to widen them.
+        words = sp.csr_matrix((self._ones[:len(table.values)], table.values, table.indptr.astype(np.int32)),
+                              shape=(len(table), len(self.vectorizer.vocabulary_)))
+        per_text = counts_matrix(rows, len(table), counts)
+        # Integer counts, exact in float32. Indices come out unsorted: only float32 summation order
+        # could tell, and normalize sums squares in float64.
+        return tfidf_weigh(per_text @ words, self.vectorizer)
+
+
+def counts_matrix(indices: np.ndarray, n_columns: int, lengths: np.ndarray) -> sp.csr_matrix:
+    """CSR counts: row i holds the next `lengths[i]` column `indices`, each a 1. A column listed twice in a
+    row is stored twice (products count it twice; `sum_duplicates` would merge it)."""
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=indptr[1:])
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), np.asarray(indices, dtype=np.int32), indptr),
+                         shape=(len(lengths), n_columns))
+
+
+def tfidf_weigh(counts: sp.csr_matrix, v: TfidfVectorizer) -> sp.csr_matrix:
+    """scikit-learn's TfidfTransformer steps on a count matrix, in its order: sublinear tf, idf, l2 norm."""
+    x = counts
+    if x.shape[0] == 0:  # normalize refuses an empty matrix
+        return x
+    if v.sublinear_tf:
+        np.log(x.data, x.data)
+        x.data += 1.0
+    x.data *= v.idf_[x.indices]
+    return normalize(x, norm=v.norm, copy=False)

@@ -54,14 +54,54 @@ class WordVectorExpert:
         head.fit((raw - self.mean_) / self.scale_, np.searchsorted(self.classes_, labels))
         self.coef_ = head.coef_.astype(np.float32)
         self.intercept_ = head.intercept_.astype(np.float32)
+        self._projected = None  # `_logits` projects the vectors on first use
         return self
 
     def predict_proba(self, token_lists: list[list[str]]) -> np.ndarray:
         """Probabilities with columns in `classes_` order."""
-        logits = self._features(token_lists) @ self.coef_.T + self.intercept_
+        lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+        return self.predict_proba_rows(self.word_rows([t for tokens in token_lists for t in tokens]), lengths)
+
+    def word_rows(self, tokens: list[str]) -> np.ndarray:
+        """Each token's row in the vector table, -1 for a word it does not know."""
+        get = self.index_.get
+        return np.array([get(t, -1) for t in tokens], dtype=np.int64)
+
+    def predict_proba_rows(self, rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`predict_proba` of texts given as their tokens' `word_rows`, end to end, `lengths[i]` for text i."""
+        return self._softmax(self._logits(rows, lengths))
+
+    def predict_proba_reference(self, token_lists: list[list[str]]) -> np.ndarray:
+        """`predict_proba` computed feature by feature, as the model was fitted (the fast path's reference)."""
+        return self._softmax(self._features(token_lists) @ self.coef_.T + self.intercept_)
+
+    @staticmethod
+    def _softmax(logits: np.ndarray) -> np.ndarray:
         if logits.shape[1] == 1:  # scikit-learn's binary form: one logit for the second class
             logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
         return softmax(logits)
+
+    def _logits(self, rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The logits without building features: the model is linear in them, so each word's vector is
+        projected onto the classes once (in float64) and a text sums its first known word's projection
+        and the mean of its known words' projections."""
+        if getattr(self, "_projected", None) is None:
+            dim = self.vectors_.shape[1]
+            weights = self.coef_.astype(np.float64) / self.scale_.astype(np.float64)
+            vectors = self.vectors_.astype(np.float64)
+            self._projected = (vectors @ weights[:, :dim].T, vectors @ weights[:, dim:].T)
+            self._zero_logit = self.intercept_.astype(np.float64) - weights @ self.mean_.astype(np.float64)
+        first_part, mean_part = self._projected
+        text = np.repeat(np.arange(len(lengths)), lengths)
+        known = rows >= 0
+        rows, text = rows[known], text[known]
+        logits = np.tile(self._zero_logit, (len(lengths), 1))
+        if len(rows):
+            counts = np.bincount(text, minlength=len(lengths))
+            has = counts > 0
+            starts = np.searchsorted(text, np.flatnonzero(has))  # each text's first known word
+            logits[has] += first_part[rows[starts]] + np.add.reduceat(mean_part[rows], starts, axis=0) / counts[has, None]
+        return logits.astype(np.float32)
 
     # -- plain-type state -------------------------------------------------------------------
     def to_state(self) -> tuple[dict, dict[str, np.ndarray]]:
