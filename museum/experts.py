@@ -131,12 +131,12 @@ class ChunkScores:
 
 
 def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: int = 2) -> ChunkScores:
-    """Every loaded expert scores the items through the one expert contract, `score(items) -> (proba, usable)`;
+    """Every loaded expert scores the items through the one expert contract, `score_rows(items) -> (proba, usable)`;
     each expert's probabilities are aligned by class name on the union, NaN where it could not score a row."""
     n, k = len(items), len(experts.classes)
     scored = {}
     for role, expert in experts.roles().items():
-        proba, usable = expert.score(items, batch_size=batch_size, workers=workers)
+        proba, usable = expert.score_rows(items, batch_size=batch_size, workers=workers)
         usable = np.asarray(usable, dtype=bool)
         aligned = np.full((n, k), np.nan)
         aligned[usable] = align(np.asarray(proba)[usable], list(expert.classes_), experts.classes)

@@ -1,5 +1,5 @@
 """One expert contract: every expert (the text model, a fine-tuned image model, a head) answers
-`score(items) -> (proba, usable)`, and the scoring path shared by submit, evaluate, tune, serve and the
+`score_rows(items) -> (proba, usable)` (not `score`, which scikit-learn estimators keep for accuracy), and the scoring path shared by submit, evaluate, tune, serve and the
 Predictor uses nothing else."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def items_for(tiny_folder: Path, tmp_path: Path) -> Items:
 
 
 def check_contract(expert, items: Items) -> tuple[np.ndarray, np.ndarray]:
-    proba, usable = expert.score(items, batch_size=4, workers=0)
+    proba, usable = expert.score_rows(items, batch_size=4, workers=0)
     assert proba.shape == (len(items), len(expert.classes_)) and usable.shape == (len(items),)
     assert np.isnan(proba[~usable]).all()
     assert np.allclose(proba[usable].sum(1), 1, atol=1e-4)
@@ -63,18 +63,18 @@ def test_every_kind_of_expert_keeps_the_contract(text_model_dir, image_models, t
         assert usable.tolist() == [True, True, False, False, True], kind
         # a path and the same photo decoded as the server decodes an upload score alike
         photo = decode_bytes(Path(items.images[0]).read_bytes(), "upload", draft=model.input_size)
-        again, _ = model.score(Items(["x"], [""], [photo], ["ok"]))
+        again, _ = model.score_rows(Items(["x"], [""], [photo], ["ok"]))
         np.testing.assert_allclose(again[0], proba[0], atol=1e-5)
 
 
 class Shifted:
-    """Any object with `classes_` and `score` is an expert: no part of the scoring path asks which kind."""
+    """Any object with `classes_` and `score_rows` is an expert: no part of the scoring path asks which kind."""
 
     def __init__(self, inner, classes):
         self.inner, self.classes_ = inner, classes
 
-    def score(self, items, **kwargs):
-        proba, usable = self.inner.score(items, **kwargs)
+    def score_rows(self, items, **kwargs):
+        proba, usable = self.inner.score_rows(items, **kwargs)
         return proba[:, ::-1], usable
 
 

@@ -187,7 +187,7 @@ class ImageModel:
                 ok[rows] = True
         return proba, ok
 
-    def score(self, items, batch_size: int = 64, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    def score_rows(self, items, batch_size: int = 64, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """The expert contract (`museum.data.items.Items` → probabilities, usable rows): file paths are
         decoded by the safe decoder in worker processes, decoded photos scored as they are; rows without
         an image, or whose file does not decode, get NaN and are not usable."""

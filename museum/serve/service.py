@@ -55,9 +55,9 @@ class LockedModel:
         with self.lock:
             return self.model.predict_paths(paths, **kwargs)
 
-    def score(self, items, **kwargs):
+    def score_rows(self, items, **kwargs):
         with self.lock:
-            return self.model.score(items, **kwargs)
+            return self.model.score_rows(items, **kwargs)
 
 
 class InputError(MuseumError):
