@@ -1,25 +1,33 @@
 """The `museum` command line: each command validates its options, builds a config and calls
-one library function. Errors in the user's input print one line and exit with status 2."""
+one library function. Errors in the user's input print one line and exit with status 2.
+
+Conventions shared by every command: `-v` / `-q` set how much is logged (progress bars show only
+on a terminal and never under `--quiet`, `museum.log.progress_bar`); `--device` is checked before any
+data is read; a default output that an earlier run wrote is never replaced without `--force`
+(an `--out` given explicitly is the user's choice); train-text, train-image and tune take
+`--config FILE` (YAML, TOML or a run's config.json), with options given on the command line
+overriding the file."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
 from museum import __version__
+from museum.config import FusionConfig, ImageConfig, TextConfig
 from museum.errors import MuseumError
 from museum.log import setup_logging
 from museum.folders import check_not_input
-from museum.utils import check_out_file, check_out_folder
+from museum.utils import check_out_file, check_out_folder, default_report_folder
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
     help="Tell a museum item's typology from its photo, its Russian description, or both.",
@@ -27,17 +35,24 @@ app = typer.Typer(
 
 DEFAULT_TEXT_MODEL = Path("models/text")
 DEFAULT_IMAGE_MODEL = Path("models/image")
+DEFAULT_SUBMISSION = Path("submissions/submission.csv")
+# Option defaults are the configs' own, so a command without --config builds exactly the default config.
+TEXT, IMAGE, FUSION = TextConfig(), ImageConfig(), FusionConfig()
 
 _MODEL_HELP = "Folder written by train-{kind} (default {default}), or `none` to go without the {kind} model."
 _IMAGES_HELP = "Folder of {guid}.jpg images (default: images/ beside the CSV, if there is one)."
 
 # Options shared by several commands: one definition each (typer reads a shared default fine).
-DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda.")
+DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda (checked before any data is read).")
 IMAGES_OPTION = typer.Option(None, "--images", help=_IMAGES_HELP)
 TEXT_MODEL_OPTION = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL))
 IMAGE_MODEL_OPTION = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL))
-BATCH_OPTION = typer.Option(64, help="Images per batch.")
-WORKERS_OPTION = typer.Option(2, help="DataLoader workers decoding images.")
+BATCH_OPTION = typer.Option(FUSION.batch_size, help="Images per batch.")
+WORKERS_OPTION = typer.Option(FUSION.workers, help="DataLoader workers decoding images.")
+FORCE_OPTION = typer.Option(False, "--force", help="Replace what an earlier run wrote to the default output.")
+CONFIG_OPTION = typer.Option(
+    None, "--config", metavar="FILE", help="YAML, TOML or JSON file of config fields (a run's config.json reproduces "
+    "that run); options given on the command line override it.")
 # submit and evaluate: cascade settings, each overriding fusion.json (or the defaults) when given.
 TEXT_THRESHOLD_OPTION = typer.Option(None, help="Trust text when its top probability is above this (default 0.7, or the tuned value).")
 IMAGE_THRESHOLD_OPTION = typer.Option(None, help="Trust the image when its top probability is above this (default 0.7, or tuned).")
@@ -76,95 +91,157 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only; no progress bars."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    setup_logging(verbose)
+    if verbose and quiet:
+        typer.echo("error: --verbose and --quiet: choose one", err=True)
+        raise typer.Exit(2)
+    setup_logging(verbose, quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for every rank
         logging.getLogger("museum").setLevel(logging.ERROR)
 
 
+# ----------------------------------------------------------------------------- shared checks
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether parameter `name` was given (on the command line), not left at its default. By the source's name:
+    typer releases differ in whose click (their own copy or click itself) makes the context."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _explicit(ctx: typer.Context, names: dict[str, str], convert: dict[str, Callable[[Any], Any]] | None = None) -> dict:
+    """{config field: value} of the options given on the command line; `names` maps parameter to field."""
+    convert = convert or {}
+    return {field: convert.get(param, _plain)(ctx.params[param]) for param, field in names.items() if _given(ctx, param)}
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device asked for must be there, before any data is read (auto falls back to the CPU)."""
+    name = device.strip().lower()
+    if name in ("auto", "cpu"):
+        return
+    from museum.utils import resolve_device
+
+    resolve_device(name)  # refuses cuda without a GPU, and names that are no device
+    if name.startswith("cuda:"):
+        import torch
+
+        index = name.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise MuseumError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+
+
+def _refuse_earlier_run(ctx: typer.Context, path: Path | None, force: bool, what: str, option: str = "out") -> None:
+    """A default output that an earlier run wrote is not replaced silently: refused without --force.
+
+    A new run name was the other choice; but models/text and models/image are also the default inputs
+    of submit, tune, evaluate and serve (and reports/clean-NAME of `clean --reuse`), which would go on
+    reading the old run. An `--out` given explicitly is the user's choice and may replace it."""
+    if path is None or force or _given(ctx, option):
+        return
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise MuseumError(f"{path}: holds an earlier {what} (the default --{option}); pass --force to replace it, "
+                          f"or --{option} to write elsewhere")
+
+
+def _parse_auto_share(option: str, value: str) -> float | None:
+    """`auto` (None), or a number given on the command line as text (its range is the config's to check)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise MuseumError(f"{option} {value}: expected a number between 0 and 1, or auto") from None
+
+
 # ----------------------------------------------------------------------------- text
+
+TEXT_FIELDS = {name: name for name in ("seed", "val_fraction", "device", "lemmatize", "navec", "tfidf", "vectors_weight",
+                                       "blend_weight", "epochs", "patience", "batch_size", "hidden", "lr")}
 
 
 @app.command("train-text")
 @friendly_errors
 def train_text(
+    ctx: typer.Context,
     train: Path = typer.Option(..., "--train", help="Labelled CSV: guid,description,typology."),
     unlabeled: Optional[list[Path]] = typer.Option(
         None, "--unlabeled", metavar="CSV", help="Extra CSV whose descriptions also train Word2Vec (e.g. test.csv); repeat for more."
     ),
-    out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help="Model folder to write."),
-    epochs: int = typer.Option(20, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
-    patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
-    seed: int = typer.Option(0, min=0, help="One seed for the split, Word2Vec, torch and sklearn."),
+    out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help=f"Model folder to write (default {DEFAULT_TEXT_MODEL}, "
+                             "which an earlier run's is not replaced without --force)."),
+    config_file: Optional[Path] = CONFIG_OPTION,
+    force: bool = FORCE_OPTION,
+    epochs: int = typer.Option(TEXT.epochs, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
+    patience: int = typer.Option(TEXT.patience, help="Epochs without improvement before stopping."),
+    seed: int = typer.Option(TEXT.seed, help="One seed for the split, Word2Vec, torch and sklearn."),
     device: str = DEVICE_OPTION,
-    val_fraction: float = typer.Option(0.2, help="Stratified validation share."),
-    lemmatize: bool = typer.Option(False, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
-    navec: bool = typer.Option(True, "--navec/--no-navec", help="Warm-start Word2Vec from navec vectors."),
-    tfidf: bool = typer.Option(True, "--tfidf/--no-tfidf", help="Blend in the TF-IDF linear expert."),
-    vectors_weight: float = typer.Option(0.2, help="Weight of the navec word-vector expert in the blend (0..1); 0 leaves it out."),
+    val_fraction: float = typer.Option(TEXT.val_fraction, help="Stratified validation share."),
+    lemmatize: bool = typer.Option(TEXT.lemmatize, "--lemmatize/--no-lemmatize", help="Lemmatize tokens with pymorphy3."),
+    navec: bool = typer.Option(TEXT.navec, "--navec/--no-navec", help="Warm-start Word2Vec from navec vectors."),
+    tfidf: bool = typer.Option(TEXT.tfidf, "--tfidf/--no-tfidf", help="Blend in the TF-IDF linear expert."),
+    vectors_weight: float = typer.Option(TEXT.vectors_weight, help="Weight of the navec word-vector expert in the blend (0..1); 0 leaves it out."),
     blend_weight: str = typer.Option(
-        "0.2", help="BiLSTM weight in the blend (0..1), or `auto` to choose it on validation; the word-vector expert "
+        str(TEXT.blend_weight), help="BiLSTM weight in the blend (0..1), or `auto` to choose it on validation; the word-vector expert "
         "gets --vectors-weight and TF-IDF the rest."
     ),
-    batch_size: int = typer.Option(64, help="BiLSTM batch size."),
-    hidden: int = typer.Option(64, help="BiLSTM hidden units per direction."),
-    lr: float = typer.Option(2e-3, help="AdamW learning rate."),
+    batch_size: int = typer.Option(TEXT.batch_size, help="BiLSTM batch size."),
+    hidden: int = typer.Option(TEXT.hidden, help="BiLSTM hidden units per direction."),
+    lr: float = typer.Option(TEXT.lr, help="AdamW learning rate."),
 ) -> None:
     """Train the text expert (Word2Vec + BiLSTM, blended with TF-IDF and word-vector experts) on descriptions."""
-    from museum.config import TextConfig
+    from museum.configfile import config_from_file
     from museum.train_text import train_text_model
 
-    weight = _parse_blend_weight(blend_weight)
-    _check_share("--vectors-weight", vectors_weight)
-    if tfidf and (weight or 0.0) + vectors_weight > 1.0:
-        raise MuseumError(f"--blend-weight {blend_weight} + --vectors-weight {vectors_weight}: more than 1 leaves "
-                          "TF-IDF nothing; lower one of them, or pass --no-tfidf")
-    if epochs < 1:
-        raise MuseumError(f"--epochs {epochs}: must be at least 1")
-    config = TextConfig(
-        seed=seed, val_fraction=val_fraction, device=device, lemmatize=lemmatize, navec=navec,
-        epochs=epochs, patience=patience, batch_size=batch_size, hidden=hidden, lr=lr,
-        tfidf=tfidf, vectors_weight=vectors_weight, blend_weight=weight,
-    )
+    explicit = _explicit(ctx, TEXT_FIELDS, {"blend_weight": functools.partial(_parse_auto_share, "--blend-weight")})
+    config = config_from_file(TextConfig, config_file, explicit)
+    _check_device(config.device)
+    _refuse_earlier_run(ctx, out, force, "text model")
     train_text_model(train, out, config, unlabeled=list(unlabeled or []))
 
 
-def _parse_blend_weight(value: str) -> float | None:
-    return None if value.strip().lower() == "auto" else _parse_share("--blend-weight", value)
-
-
-def _parse_share(option: str, value: str) -> float:
-    """A number in [0, 1] given on the command line as text, or a one-line error naming the option."""
+def _read_lines(stream, source: str) -> list[str]:
+    """Non-blank lines of a text stream (one description each)."""
     try:
-        share = float(value)
-    except ValueError:
-        raise MuseumError(f"{option} {value}: expected a number between 0 and 1, or auto") from None
-    return _check_share(option, share, value)
-
-
-def _check_share(option: str, share: float, given: str | None = None) -> float:
-    """`share` if it lies in [0, 1]; else a one-line error quoting the value as given."""
-    if not 0.0 <= share <= 1.0:
-        raise MuseumError(f"{option} {given if given is not None else share}: must be between 0 and 1")
-    return share
+        return [line.strip() for line in stream.read().splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise MuseumError(f"{source}: not UTF-8 text (byte {exc.start}); give UTF-8 descriptions, one a line") from None
 
 
 @app.command("predict-text")
 @friendly_errors
 def predict_text(
-    texts: list[str] = typer.Argument(..., metavar="TEXT", help="One or more descriptions."),
+    texts: Optional[list[str]] = typer.Argument(
+        None, metavar="[TEXT]...", help="Descriptions; `-` reads them from standard input, one a line."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Also read descriptions from this UTF-8 file, one a line (blank lines skipped)."),
     model: Path = typer.Option(DEFAULT_TEXT_MODEL, "--model", help="Folder written by train-text."),
     top: int = typer.Option(3, help="How many classes to show."),
 ) -> None:
-    """Print the most probable typologies of descriptions."""
+    """Print the most probable typologies of descriptions (given as arguments, on standard input or in a file)."""
     from museum.metrics import top_k
     from museum.text.model import TextModel
 
     if top < 1:
         raise MuseumError(f"--top {top}: must be at least 1")
+    wanted: list[str] = []
+    for text in texts or []:
+        wanted += _read_lines(typer.get_text_stream("stdin", encoding="utf-8"), "standard input") if text == "-" else [text]
+    if file is not None:
+        if not file.is_file():
+            raise MuseumError(f"--file {file}: no such file; give a text file with one description a line")
+        with open(file, encoding="utf-8-sig") as f:
+            wanted += _read_lines(f, str(file))
+    if not wanted:
+        raise MuseumError("no descriptions: give them as arguments, `-` to read standard input, or --file FILE")
     text_model = TextModel.load(model)
-    for text, best in zip(texts, top_k(text_model.predict_proba(texts), text_model.classes_, top)):
+    for text, best in zip(wanted, top_k(text_model.predict_proba(wanted), text_model.classes_, top)):
         typer.echo(text)
         if not text.strip():
             typer.echo("  (empty description: nothing to judge; `submit` uses the image for such rows)")
@@ -173,7 +250,6 @@ def predict_text(
 
 
 # ----------------------------------------------------------------------------- cascade: submit, tune, evaluate
-
 
 
 def _model_folder(value: str) -> Optional[Path]:
@@ -186,34 +262,31 @@ def _fusion_overrides(
     image_threshold: Optional[float] = None,
     blend_weight: Optional[float] = None,
     fallback: Optional[str] = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    device: str = "auto",
-    chunk_size: int = 10_000,
+    batch_size: int = FUSION.batch_size,
+    workers: int = FUSION.workers,
+    device: str = FUSION.device,
+    chunk_size: int = FUSION.chunk_size,
 ) -> dict:
-    """Check the shared cascade options and return them as FusionConfig overrides (None = keep saved/default)."""
-    for name, value in (("--text-threshold", text_threshold), ("--image-threshold", image_threshold),
-                        ("--blend-weight", blend_weight)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise MuseumError(f"{name} {value}: must be between 0 and 1")
-    if batch_size < 1:
-        raise MuseumError(f"--batch-size {batch_size}: must be at least 1")
-    if workers < 0:
-        raise MuseumError(f"--workers {workers}: must be 0 or more")
-    if chunk_size < 1:
-        raise MuseumError(f"--chunk-size {chunk_size}: must be at least 1")
-    return dict(text_threshold=text_threshold, image_threshold=image_threshold, blend_weight=blend_weight,
-                fallback=fallback, batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size)
+    """The shared cascade options as FusionConfig overrides (None = keep saved/default), checked by FusionConfig
+    itself and the device by `_check_device`, before any model or row is read."""
+    overrides = dict(text_threshold=text_threshold, image_threshold=image_threshold, blend_weight=blend_weight,
+                     fallback=fallback, batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size)
+    FusionConfig(**{k: v for k, v in overrides.items() if v is not None})
+    _check_device(device)
+    return overrides
 
 
 @app.command("submit")
 @friendly_errors
 def submit_cmd(
+    ctx: typer.Context,
     test_csv: Path = typer.Argument(..., metavar="TEST_CSV", help="Test CSV: guid,description[,typology]."),
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
-    out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission to write (guid,typology)."),
+    out: Path = typer.Option(DEFAULT_SUBMISSION, "--out", help=f"Submission to write, guid,typology (default {DEFAULT_SUBMISSION}, "
+                             "which an earlier run's is not replaced without --force)."),
+    force: bool = FORCE_OPTION,
     text_threshold: Optional[float] = TEXT_THRESHOLD_OPTION,
     image_threshold: Optional[float] = IMAGE_THRESHOLD_OPTION,
     blend_weight: Optional[float] = BLEND_WEIGHT_OPTION,
@@ -223,7 +296,7 @@ def submit_cmd(
     batch_size: int = BATCH_OPTION,
     workers: int = WORKERS_OPTION,
     device: str = DEVICE_OPTION,
-    chunk_size: int = typer.Option(10_000, help="Rows held in memory at a time."),
+    chunk_size: int = typer.Option(FUSION.chunk_size, help="Rows held in memory at a time."),
 ) -> None:
     """Write a submission: text when sure, else image when sure, else a blend; fallback for empty rows."""
     from museum.submit import submit
@@ -232,15 +305,23 @@ def submit_cmd(
     if proba is not None:
         check_out_file(proba, "--proba")
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device, chunk_size)
+    _refuse_earlier_run(ctx, out, force, "submission")
     summary = submit(test_csv, out, images, _model_folder(text_model), _model_folder(image_model), proba, overrides, settings)
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 wrote the files and holds every rank's counts
         typer.echo(summary.format())
 
 
+TUNE_FIELDS = {"text_threshold": "text_threshold", "image_threshold": "image_threshold", "blend_weight": "blend_weight",
+               "fallback": "fallback", "folds": "tune_folds", "min_gain": "tune_min_gain", "seed": "seed",
+               "batch_size": "batch_size", "workers": "workers", "device": "device"}
+
+
 @app.command("tune")
 @friendly_errors
 def tune_cmd(
-    valid: Optional[Path] = typer.Option(None, "--valid", help="Labelled CSV the models were not trained on (the cascade's grid is tuned on it)."),
+    ctx: typer.Context,
+    valid: Optional[Path] = typer.Option(None, "--valid", help="Labelled CSV the models were not trained on (the cascade's grid is "
+                                         "tuned on it; `museum split` makes one)."),
     cross_fit: Optional[Path] = typer.Option(
         None, "--cross-fit", metavar="LABELLED_CSV",
         help="Labelled CSV (rows may overlap the models' training data): retrain each expert per fold without the fold's "
@@ -250,34 +331,42 @@ def tune_cmd(
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", help="Settings file to write (default: fusion.json beside the model folders)."),
-    text_threshold: float = typer.Option(0.7, help="Default to beat: text threshold."),
-    image_threshold: float = typer.Option(0.7, help="Default to beat: image threshold."),
-    blend_weight: float = typer.Option(0.5, help="Default to beat: text weight in the blend."),
+    config_file: Optional[Path] = CONFIG_OPTION,
+    text_threshold: float = typer.Option(FUSION.text_threshold, help="Default to beat: text threshold."),
+    image_threshold: float = typer.Option(FUSION.image_threshold, help="Default to beat: image threshold."),
+    blend_weight: float = typer.Option(FUSION.blend_weight, help="Default to beat: text weight in the blend."),
     fallback: Optional[str] = typer.Option(None, help="Class for rows with neither modality (default: most frequent training class)."),
-    folds: int = typer.Option(5, help="Cross-validation folds that estimate the gain of tuning."),
-    min_gain: float = typer.Option(0.005, help="Out-of-fold macro-F1 gain needed to leave the defaults."),
-    seed: int = typer.Option(0, min=0, help="Seed of the folds."),
+    folds: int = typer.Option(FUSION.tune_folds, help="Cross-validation folds that estimate the gain of tuning (config: tune_folds)."),
+    min_gain: float = typer.Option(FUSION.tune_min_gain, help="Out-of-fold macro-F1 gain needed to leave the defaults (config: tune_min_gain)."),
+    seed: int = typer.Option(FUSION.seed, help="Seed of the folds."),
     batch_size: int = BATCH_OPTION,
     workers: int = WORKERS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
-    """Fit how the experts are combined, for macro-F1, and save it for submit, evaluate and serve (fusion.json)."""
+    """Fit how the experts are combined, for macro-F1, and save it for submit, evaluate and serve (fusion.json).
+
+    fusion.json is the models' settings: tuning again replaces it (it says when and on what it was tuned)."""
+    from dataclasses import asdict
+
+    from museum.configfile import config_from_file
     from museum.evaluate import tune, tune_cross_fit
 
     if (valid is None) == (cross_fit is None):
         raise MuseumError("give one of --valid (a held-out labelled CSV) or --cross-fit (any labelled CSV)")
-    if folds < 2:
-        raise MuseumError(f"--folds {folds}: must be at least 2")
     if cross_fit_folds < 2:
         raise MuseumError(f"--cross-fit-folds {cross_fit_folds}: must be at least 2")
     if out is not None:
         check_out_file(out, "--out")
-    overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
-    overrides.update(tune_folds=folds, tune_min_gain=min_gain, seed=seed)
+    config = config_from_file(FusionConfig, config_file, _explicit(ctx, TUNE_FIELDS))
+    _check_device(config.device)
+    overrides = asdict(config)
     models = _model_folder(text_model), _model_folder(image_model)
     if cross_fit is not None:
-        text = tune_cross_fit(cross_fit, images, *models, overrides, out, cross_fit_folds, seed)[2]
+        text = tune_cross_fit(cross_fit, images, *models, overrides, out, cross_fit_folds, config.seed)[2]
     else:
+        from museum.split import warn_trained_rows
+
+        warn_trained_rows(valid, dict(zip(("text", "image"), models)))
         text = tune(valid, images, *models, overrides, out)[2]
     typer.echo(text)
 
@@ -285,7 +374,8 @@ def tune_cmd(
 @app.command("evaluate")
 @friendly_errors
 def evaluate_cmd(
-    labeled: Path = typer.Argument(..., metavar="LABELLED_CSV", help="Labelled CSV: guid,description,typology."),
+    labeled: Path = typer.Argument(..., metavar="LABELLED_CSV", help="Labelled CSV: guid,description,typology (rows the models "
+                                   "were trained on are warned about: `museum split` makes a held-out file)."),
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
@@ -301,118 +391,85 @@ def evaluate_cmd(
 ) -> None:
     """Macro-F1, accuracy and per-class reports: text-only, image-only, cascade and each route."""
     from museum.evaluate import evaluate
+    from museum.split import warn_trained_rows
 
     if json_out is not None:
         check_out_file(json_out, "--json")
     if report is not None:
         check_out_folder(report, "--report")
     overrides = _fusion_overrides(text_threshold, image_threshold, blend_weight, fallback, batch_size, workers, device)
-    typer.echo(evaluate(labeled, images, _model_folder(text_model), _model_folder(image_model), overrides, json_out, report).text)
+    models = _model_folder(text_model), _model_folder(image_model)
+    warn_trained_rows(labeled, dict(zip(("text", "image"), models)))
+    typer.echo(evaluate(labeled, images, *models, overrides, json_out, report).text)
 
 
 # ----------------------------------------------------------------------------- image
+
+IMAGE_FIELDS = {name: name for name in (
+    "seed", "val_fraction", "dedup_split", "device", "backbone", "weights", "input_size", "epochs", "patience", "batch_size",
+    "lr", "weight_decay", "warmup_epochs", "freeze_epochs", "trainable", "backbone_lr", "ema", "tta", "members",
+    "label_smoothing", "balance", "soft_f1", "crop_scale", "color_jitter", "mixup", "amp", "workers", "threads", "cache_dir",
+    "head", "head_features", "embeddings", "positive", "target_precision")}
 
 
 @app.command("train-image")
 @friendly_errors
 def train_image(
+    ctx: typer.Context,
     images: Path = typer.Option(..., "--images", help="DIR/<class>/*.jpg, or with --train the folder of {guid}.jpg."),
     train: Optional[Path] = typer.Option(None, "--train", help="Competition CSV (guid,description,typology) for DIR/{guid}.jpg."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation DIR/<class>/*.jpg; default: a stratified split."),
-    out: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--out", help="Model folder to write."),
-    backbone: str = typer.Option("mobilenet_v2", help="torchvision model name (resnet18, efficientnet_b0, ...)."),
-    weights: str = typer.Option("imagenet", help="imagenet, none, or a .pth state dict file."),
-    input_size: int = typer.Option(0, help="Square input size in pixels; 0 = from the data (64 for thumbnails, else 160)."),
-    epochs: int = typer.Option(0, help="Maximum epochs (early stopping on validation macro-F1); 0 = from the data size, 8..20."),
-    patience: int = typer.Option(5, help="Epochs without improvement before stopping."),
-    batch_size: int = typer.Option(32, help="Images per step (per process under torchrun)."),
-    lr: float = typer.Option(1e-3, help="AdamW peak learning rate."),
-    weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
-    warmup_epochs: float = typer.Option(1.0, help="Linear warm-up after the frozen epochs."),
-    freeze_epochs: int = typer.Option(0, help="Head-only epochs before the backbone trains."),
-    trainable: float = typer.Option(1.0, help="Share of backbone layers, from the top, that fine-tune (1 = all)."),
-    backbone_lr: float = typer.Option(1.0, help="Backbone learning rate as a share of --lr (the new head gets --lr)."),
-    ema: float = typer.Option(0.15, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
-    tta: bool = typer.Option(True, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
-    members: int = typer.Option(0, help="Networks to fine-tune (seeds SEED, SEED+100, ...) and average; 0 = auto: 3 below 500 training images, else 1."),
-    label_smoothing: float = typer.Option(0.1, help="Cross-entropy label smoothing."),
-    balance: str = typer.Option("loss", help="loss (cross-entropy weighted ∝ 1/class count, at most 10× apart), sampler (class-balanced draws) or none."),
-    soft_f1: float = typer.Option(0.0, help="Weight of the soft-F1 term in the loss, 0..1."),
-    crop_scale: float = typer.Option(0.35, help="Smallest area share of the random resized crop."),
-    color_jitter: float = typer.Option(0.3, help="Brightness/contrast/saturation jitter, 0 = off."),
+    out: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--out", help=f"Model folder to write (default {DEFAULT_IMAGE_MODEL}, "
+                             "which an earlier run's is not replaced without --force)."),
+    config_file: Optional[Path] = CONFIG_OPTION,
+    force: bool = FORCE_OPTION,
+    backbone: str = typer.Option(IMAGE.backbone, help="torchvision model name (resnet18, efficientnet_b0, ...)."),
+    weights: str = typer.Option(IMAGE.weights, help="imagenet, none, or a .pth state dict file."),
+    input_size: int = typer.Option(IMAGE.input_size, help="Square input size in pixels; 0 = from the data (64 for thumbnails, else 160)."),
+    epochs: int = typer.Option(IMAGE.epochs, help="Maximum epochs (early stopping on validation macro-F1); 0 = from the data size, 8..20."),
+    patience: int = typer.Option(IMAGE.patience, help="Epochs without improvement before stopping."),
+    batch_size: int = typer.Option(IMAGE.batch_size, help="Images per step (per process under torchrun)."),
+    lr: float = typer.Option(IMAGE.lr, help="AdamW peak learning rate."),
+    weight_decay: float = typer.Option(IMAGE.weight_decay, help="AdamW weight decay."),
+    warmup_epochs: float = typer.Option(IMAGE.warmup_epochs, help="Linear warm-up after the frozen epochs."),
+    freeze_epochs: int = typer.Option(IMAGE.freeze_epochs, help="Head-only epochs before the backbone trains."),
+    trainable: float = typer.Option(IMAGE.trainable, help="Share of backbone layers, from the top, that fine-tune (1 = all)."),
+    backbone_lr: float = typer.Option(IMAGE.backbone_lr, help="Backbone learning rate as a share of --lr (the new head gets --lr)."),
+    ema: float = typer.Option(IMAGE.ema, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
+    tta: bool = typer.Option(IMAGE.tta, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
+    members: int = typer.Option(IMAGE.members, help="Networks to fine-tune (seeds SEED, SEED+100, ...) and average; 0 = auto: 3 below 500 training images, else 1."),
+    label_smoothing: float = typer.Option(IMAGE.label_smoothing, help="Cross-entropy label smoothing."),
+    balance: str = typer.Option(IMAGE.balance, help="loss (cross-entropy weighted ∝ 1/class count, at most 10× apart), sampler (class-balanced draws) or none."),
+    soft_f1: float = typer.Option(IMAGE.soft_f1, help="Weight of the soft-F1 term in the loss, 0..1."),
+    crop_scale: float = typer.Option(IMAGE.crop_scale, help="Smallest area share of the random resized crop."),
+    color_jitter: float = typer.Option(IMAGE.color_jitter, help="Brightness/contrast/saturation jitter, 0 = off."),
     mixup: str = typer.Option("auto", help="Share of batches trained on mixup blends of image pairs (0..1), or auto: 1 when training runs 10 epochs or more, else 0."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
-    workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),
-    threads: int = typer.Option(0, help="torch CPU threads; 0 = CPUs per process."),
+    amp: bool = typer.Option(IMAGE.amp, "--amp/--no-amp", help="Mixed precision on CUDA."),
+    workers: int = typer.Option(IMAGE.workers, help="Decoding processes; 0 = min(4, CPUs)."),
+    threads: int = typer.Option(IMAGE.threads, help="torch CPU threads; 0 = CPUs per process."),
     cache_dir: Optional[Path] = typer.Option(None, help="Keep decoded images here, keyed by content hash and size."),
-    seed: int = typer.Option(0, min=0, help="One seed for the split, initialisation, sampling and augmentation."),
+    seed: int = typer.Option(IMAGE.seed, help="One seed for the split, initialisation, sampling and augmentation."),
     device: str = DEVICE_OPTION,
-    val_fraction: float = typer.Option(0.2, help="Stratified validation share when --val is not given."),
-    dedup_split: bool = typer.Option(False, "--dedup-split", help="Keep near-duplicate images on one side of the split (no leak into validation)."),
+    val_fraction: float = typer.Option(IMAGE.val_fraction, help="Stratified validation share when --val is not given."),
+    dedup_split: bool = typer.Option(IMAGE.dedup_split, "--dedup-split", help="Keep near-duplicate images on one side of the split (no leak into validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
-    head: str = typer.Option("finetune", help="finetune, or a scikit-learn head on frozen embeddings: logreg, svm, mlp, knn."),
-    head_features: str = typer.Option("stages", help="With --head: stages (several trunk stages + colour histogram) or pooled (final vector)."),
+    head: str = typer.Option(IMAGE.head, help="finetune, or a scikit-learn head on frozen embeddings: logreg, svm, mlp, knn."),
+    head_features: str = typer.Option(IMAGE.head_features, help="With --head: stages (several trunk stages + colour histogram) or pooled (final vector)."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="With --head: .npz from `museum embed` to reuse (written if absent or stale)."),
     positive: Optional[str] = typer.Option(None, "--positive", help="One-vs-rest: this class against all others (two-class sets: default the smaller class)."),
     target_precision: Optional[float] = typer.Option(None, help="Binary tasks: threshold = lowest reaching this validation precision (default: max F1)."),
 ) -> None:
     """Fine-tune an ImageNet CNN (or fit a head on its embeddings) on a folder-per-class set or the competition's photos."""
-    from museum.config import ImageConfig
-    from museum.image.embed import check_features
-    from museum.image.heads import HEADS
-    from museum.image.train import BALANCE
+    from museum.configfile import config_from_file
     from museum.train_image import train_image_model
 
-    if epochs < 0:
-        raise MuseumError(f"--epochs {epochs}: must be 0 (auto) or at least 1")
-    if patience < 1:
-        raise MuseumError(f"--patience {patience}: must be at least 1")
-    if batch_size < 2:
-        raise MuseumError(f"--batch-size {batch_size}: must be at least 2")
-    if input_size != 0 and not 16 <= input_size <= 1024:
-        raise MuseumError(f"--input-size {input_size}: must be 0 (auto) or between 16 and 1024")
-    if balance not in BALANCE:
-        raise MuseumError(f"--balance {balance}: expected one of {', '.join(BALANCE)}")
-    for name, value in (("--soft-f1", soft_f1), ("--label-smoothing", label_smoothing), ("--color-jitter", color_jitter)):
-        if not 0.0 <= value < 1.0 + (name == "--soft-f1"):
-            raise MuseumError(f"{name} {value}: must be between 0 and 1")
-    mixup_share = None if mixup.strip().lower() == "auto" else _parse_share("--mixup", mixup)
-    if not 0.05 <= crop_scale <= 1.0:
-        raise MuseumError(f"--crop-scale {crop_scale}: must be between 0.05 and 1")
-    if lr <= 0:
-        raise MuseumError(f"--lr {lr}: must be positive")
-    for name, value in (("--weight-decay", weight_decay), ("--warmup-epochs", warmup_epochs),
-                        ("--freeze-epochs", freeze_epochs), ("--workers", workers), ("--threads", threads)):
-        if value < 0:
-            raise MuseumError(f"{name} {value}: must be 0 or more")
-    if not 0.0 <= trainable <= 1.0:
-        raise MuseumError(f"--trainable {trainable}: must be between 0 and 1")
-    if not 0.0 < backbone_lr <= 1.0:
-        raise MuseumError(f"--backbone-lr {backbone_lr}: must be in (0, 1]")
-    if not 0.0 <= ema < 1.0:
-        raise MuseumError(f"--ema {ema}: must be between 0 (off) and 1")
-    if head not in HEADS:
-        raise MuseumError(f"--head {head}: expected one of {', '.join(HEADS)}")
-    if members < 0:
-        raise MuseumError(f"--members {members}: must be 0 (auto) or at least 1")
-    if members > 1 and head != "finetune":
-        raise MuseumError(f"--members {members}: only fine-tuning trains several networks; drop it with --head {head}")
-    if head != "finetune" and resume:
-        raise MuseumError(f"--resume: a {head} head trains in one go; drop --resume")
-    check_features(head_features, "--head-features")
-    if embeddings is not None and head == "finetune":
-        raise MuseumError("--embeddings: only used with --head logreg|svm|mlp|knn")
-    if target_precision is not None and not 0.0 < target_precision <= 1.0:
-        raise MuseumError(f"--target-precision {target_precision}: must be in (0, 1]")
-    config = ImageConfig(
-        seed=seed, val_fraction=val_fraction, dedup_split=dedup_split, device=device, backbone=backbone, weights=weights,
-        input_size=input_size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, freeze_epochs=freeze_epochs, trainable=trainable,
-        backbone_lr=backbone_lr, ema=ema, tta=tta, members=members, label_smoothing=label_smoothing, balance=balance, soft_f1=soft_f1, crop_scale=crop_scale,
-        color_jitter=color_jitter, mixup=mixup_share, amp=amp, workers=workers, threads=threads,
-        cache_dir=str(cache_dir) if cache_dir else None, head=head, head_features=head_features,
-        embeddings=str(embeddings) if embeddings else None, positive=positive, target_precision=target_precision,
-    )
+    explicit = _explicit(ctx, IMAGE_FIELDS, {"mixup": functools.partial(_parse_auto_share, "--mixup")})
+    config = config_from_file(ImageConfig, config_file, explicit)
+    if config.head != "finetune" and resume:
+        raise MuseumError(f"--resume: a {config.head} head trains in one go; drop --resume")
+    _check_device(config.device)
+    if not resume:  # --resume continues a run that was allowed to write there when it started
+        _refuse_earlier_run(ctx, out, force, "image model")
     train_image_model(config, images, out, train_csv=train, val=val, resume=resume)
 
 
@@ -443,6 +500,7 @@ def embed_cmd(
     else:
         train_csv, folder = None, images
     check_not_input(out, [train_csv, folder])
+    _check_device(device)
     emb = embed_folder(folder, out, train_csv, backbone, weights, input_size, device, workers,
                        str(cache_dir) if cache_dir else None, tta=tta, features=features)
     typer.echo(f"{out}: {emb.features.shape[0]} images x {emb.features.shape[1]} features "
@@ -463,6 +521,7 @@ def predict_image(
 
     if top < 1:
         raise MuseumError(f"--top {top}: must be at least 1")
+    _check_device(device)
     image_model = ImageModel.load(model, device=device)
     proba, ok = image_model.predict_paths(paths, num_workers=0 if len(paths) < 64 else 2)
     decision = image_model.decision
@@ -524,6 +583,7 @@ def serve_cmd(
             raise MuseumError(f"{name} {value}: must be between 1 and 1024")
     if not 0 < timeout <= 3600:
         raise MuseumError(f"--timeout {timeout}: must be between 0 and 3600 seconds")
+    _check_device(device)
     limits = Limits(upload_bytes=max_upload_mb * MB, csv_bytes=max_csv_mb * MB, timeout_s=timeout)
     run_server(_model_folder(text_model), _model_folder(image_model), host, port, device, settings, limits, access_log)
 
@@ -549,10 +609,12 @@ def report_cmd(
 @app.command("eda")
 @friendly_errors
 def eda_cmd(
+    ctx: typer.Context,
     path: Path = typer.Argument(..., metavar="CSV_OR_FOLDER", help="Competition CSV (guid,description[,typology]) or DIR/<class>/*.jpg."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (default: images/ beside the CSV, if there is one)."),
     stats: bool = typer.Option(False, "--stats", help="Also write per-channel mean/std (channel_stats.json) for train-image."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eda.html, eda.json and the figures (default: reports/eda-NAME)."),
+    force: bool = FORCE_OPTION,
 ) -> None:
     """Analyse a dataset: classes, imbalance, description lengths, duplicates, image sizes, unreadable files."""
     from museum.reports.eda import run_eda
@@ -560,6 +622,9 @@ def eda_cmd(
     if not path.exists():
         raise MuseumError(f"{path}: not found; give a competition CSV or a folder of class sub-folders")
     check_not_input(out, [path, images], folder=True)
+    if out is None:
+        out = default_report_folder("eda", path)
+        _refuse_earlier_run(ctx, out, force, "analysis")
     typer.echo(run_eda(path, images, stats, out).text)
 
 
@@ -569,6 +634,7 @@ def eda_cmd(
 @app.command("clean")
 @friendly_errors
 def clean_cmd(
+    ctx: typer.Context,
     train: Optional[Path] = typer.Argument(None, metavar="TRAIN_CSV", help="Competition CSV (guid,description,typology); omit to audit --images DIR/<class>/*.jpg."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg; alone: DIR/<class>/*.jpg."),
     folds: int = typer.Option(5, help="Stratified folds for the out-of-fold probabilities."),
@@ -580,6 +646,7 @@ def clean_cmd(
     top: int = typer.Option(100, help="Rows shown on the HTML page."),
     seed: int = typer.Option(0, min=0, help="Seed of the folds and the experts."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A `museum embed` file (stages features) of these images, read instead of embedding them again."),
+    force: bool = FORCE_OPTION,
 ) -> None:
     """Find likely label errors (confident learning on out-of-fold probabilities); optionally drop or relabel them."""
     from museum.clean import EXPERTS, run_clean
@@ -596,19 +663,25 @@ def clean_cmd(
     if embeddings is not None and reuse:
         raise MuseumError("--embeddings: --reuse takes the saved probabilities and embeds nothing; drop one of them")
     check_not_input(out, [train, images, embeddings], folder=True)
+    if out is None and (train or images) is not None:
+        out = default_report_folder("clean", train or images)
+        if not reuse:  # --reuse reads the earlier audit there and writes its pages again
+            _refuse_earlier_run(ctx, out, force, "audit")
     typer.echo(run_clean(train, images, out, folds, seed, expert, action, reuse, top, embeddings).text)
 
 
 @app.command("dedup")
 @friendly_errors
 def dedup_cmd(
+    ctx: typer.Context,
     path: Path = typer.Argument(..., metavar="FOLDER_OR_CSV", help="Image folder (DIR/<class>/*.jpg or DIR/*.jpg) or a competition CSV."),
     images: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (without it, only descriptions are compared)."),
     threshold: Optional[float] = typer.Option(None, help="Cosine similarity of embeddings from which two images are near duplicates on that alone (default 0.96); from 0.6 up, a matching centre-crop hash also makes them duplicates."),
     keep: str = typer.Option("all", help="all (report only) or one (also write a list/CSV keeping one item per group)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for groups.csv and dedup.html (default reports/dedup-NAME)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (for the embeddings)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (for the embeddings; checked before any data is read)."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A `museum embed --features pooled` file of these images, read instead of embedding them again."),
+    force: bool = FORCE_OPTION,
 ) -> None:
     """Find exact, near-duplicate and same-description groups; optionally keep one item per group."""
     from museum.dedup import DEFAULT_THRESHOLD, KEEP, run_dedup
@@ -618,8 +691,42 @@ def dedup_cmd(
     if keep not in KEEP:
         raise MuseumError(f"--keep {keep}: expected one of {', '.join(KEEP)}")
     check_not_input(out, [path, images, embeddings], folder=True)
+    _check_device(device)
+    if out is None:
+        out = default_report_folder("dedup", path)
+        _refuse_earlier_run(ctx, out, force, "duplicate search")
     typer.echo(run_dedup(path, images, out, DEFAULT_THRESHOLD if threshold is None else threshold, keep, device,
                          embeddings).text)
+
+
+@app.command("split")
+@friendly_errors
+def split_cmd(
+    ctx: typer.Context,
+    labelled: Path = typer.Argument(..., metavar="LABELLED_CSV", help="Labelled competition CSV: guid,description,typology."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of {guid}.jpg whose near-duplicates are kept together "
+                                          "too (default: images/ beside the CSV, if there is one)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for train.csv, valid.csv and images/ (a link): the competition "
+                                       "layout (default splits/NAME)."),
+    force: bool = FORCE_OPTION,
+    val_fraction: float = typer.Option(0.2, help="Share of each class that goes to valid.csv (up to the groups kept whole)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the draw."),
+    threshold: Optional[float] = typer.Option(None, help="Cosine similarity from which two images are near duplicates (default 0.96, as dedup)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (for the image embeddings; checked before any data is read)."),
+) -> None:
+    """Split a labelled CSV into train.csv and valid.csv: stratified, seeded, and with no description or near-duplicate
+    image on both sides, so that evaluate and tune --valid score rows the models never saw."""
+    from museum.split import split_csv
+
+    if not 0.0 < val_fraction < 1.0:
+        raise MuseumError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise MuseumError(f"--threshold {threshold}: must be in (0, 1]")
+    _check_device(device)
+    if out is None:
+        out = Path("splits") / f"{labelled.parent.name}-{labelled.stem}" if labelled.parent.name else Path("splits") / labelled.stem
+        _refuse_earlier_run(ctx, out, force, "split")
+    typer.echo(split_csv(labelled, out, images, val_fraction, seed, threshold, device).text)
 
 
 # ----------------------------------------------------------------------------- doctor

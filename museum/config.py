@@ -2,15 +2,29 @@
 
 Configs are written into the run folder and into checkpoints as plain dicts
 (`dataclasses.asdict`) and rebuilt with `from_dict`, which ignores unknown keys so
-that older artifacts keep loading.
+that older artifacts keep loading. Each config checks its own values when it is built
+(`__post_init__`), so a bad value from the command line, a config file (`museum.configfile`)
+or library code gets the same one-line `MuseumError`, naming the option as `--name-with-dashes`.
 """
 
 from __future__ import annotations
 
+import numbers
+import types
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from functools import cache
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from museum.errors import MuseumError
 
 T = TypeVar("T")
+
+# Choices of ImageConfig fields (the image modules take them from here).
+IMAGE_HEADS = ("finetune", "logreg", "svm", "mlp", "knn")
+BALANCE = ("loss", "sampler", "none")
+HEAD_FEATURES = ("stages", "pooled")
+# Fields whose command-line option is not `--` + the field name with dashes (`museum tune`).
+OPTION_NAMES = {"tune_folds": "--folds", "tune_min_gain": "--min-gain"}
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -21,6 +35,77 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return asdict(config)
+
+
+def option_name(field_name: str) -> str:
+    """The command-line option that sets a config field: `val_fraction` -> `--val-fraction`."""
+    return OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+@cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """{field: (base type, None allowed)} of a config dataclass: `float | None` -> (float, True)."""
+    out = {}
+    for name, hint in get_type_hints(cls).items():
+        args = get_args(hint) if isinstance(hint, types.UnionType) or get_origin(hint) is Union else ()
+        out[name] = (next((a for a in args if a is not type(None)), hint), type(None) in args)
+    return out
+
+
+def _check_types(config: Any) -> None:
+    """Every field holds its declared type; whole numbers are accepted for floats (and stored as floats)."""
+    for name, (base, optional) in field_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) and base is not bool:
+            pass  # True is an int to Python, never a count or a share here
+        elif base is float and isinstance(value, numbers.Real):
+            setattr(config, name, float(value))
+            continue
+        elif base is int and isinstance(value, numbers.Integral):
+            setattr(config, name, int(value))
+            continue
+        elif isinstance(value, base):
+            continue
+        what = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(base, base.__name__)
+        raise MuseumError(f"{option_name(name)} {value!r}: expected {what}{' or none' if optional else ''}")
+
+
+class _Check:
+    """The value checks of a config's `__post_init__`, each a one-line error naming the option."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        _check_types(config)
+        self.at_least("seed", 0)
+        if hasattr(config, "val_fraction") and not 0.0 < config.val_fraction < 1.0:
+            self.fail("val_fraction", "must be between 0 and 1")
+        device = config.device.strip().lower()
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            self.fail("device", "expected auto, cpu or cuda")
+        config.device = device  # whether CUDA is there is checked where a run starts (`resolve_device`)
+
+    def fail(self, name: str, why: str) -> None:
+        raise MuseumError(f"{option_name(name)} {getattr(self.config, name)}: {why}")
+
+    def at_least(self, name: str, low: float, why: str = "") -> None:
+        if getattr(self.config, name) < low:
+            self.fail(name, why or ("must be 0 or more" if low == 0 else f"must be at least {low}"))
+
+    def positive(self, name: str) -> None:
+        if not getattr(self.config, name) > 0:
+            self.fail(name, "must be positive")
+
+    def share(self, name: str, upper_open: bool = False, why: str = "must be between 0 and 1") -> None:
+        """In [0, 1] (or [0, 1) with `upper_open`); None (auto) passes."""
+        value = getattr(self.config, name)
+        if value is not None and not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+            self.fail(name, why)
+
+    def one_of(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self.config, name) not in choices:
+            self.fail(name, f"expected one of {', '.join(choices)}")
 
 
 @dataclass
@@ -59,6 +144,21 @@ class TextConfig:
     # noise (see bench_text).
     blend_weight: float | None = 0.2
 
+    def __post_init__(self) -> None:
+        check = _Check(self)
+        for name in ("epochs", "patience", "batch_size", "hidden", "max_len", "w2v_dim", "w2v_epochs", "w2v_min_count"):
+            check.at_least(name, 1)
+        check.at_least("freeze_embeddings_epochs", 0)
+        for name in ("lr", "tfidf_c", "vectors_c", "embedding_norm"):
+            check.positive(name)
+        check.at_least("weight_decay", 0)
+        check.share("dropout", upper_open=True)
+        check.share("vectors_weight")
+        check.share("blend_weight", why="must be between 0 and 1, or auto")
+        if self.tfidf and (self.blend_weight or 0.0) + self.vectors_weight > 1.0:
+            raise MuseumError(f"--blend-weight {self.blend_weight} + --vectors-weight {self.vectors_weight}: more than 1 "
+                              "leaves TF-IDF nothing; lower one of them, or pass --no-tfidf")
+
 
 @dataclass
 class FusionConfig:
@@ -84,6 +184,15 @@ class FusionConfig:
     tune_folds: int = 5
     tune_min_gain: float = 0.005
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check = _Check(self)
+        for name in ("text_threshold", "image_threshold", "blend_weight"):
+            check.share(name)
+        for name in ("chunk_size", "batch_size"):
+            check.at_least(name, 1)
+        check.at_least("workers", 0)
+        check.at_least("tune_folds", 2)
 
 
 @dataclass
@@ -129,3 +238,34 @@ class ImageConfig:
     embeddings: str | None = None  # .npz of `museum embed` to reuse (rewritten when its images differ)
     positive: str | None = None  # one-vs-rest: this class against all others
     target_precision: float | None = None  # binary threshold: lowest reaching this precision; None = max F1
+
+    def __post_init__(self) -> None:
+        check = _Check(self)
+        check.at_least("epochs", 0, "must be 0 (auto) or at least 1")
+        check.at_least("patience", 1)
+        check.at_least("batch_size", 2)  # batch norm needs two images a step
+        if self.input_size != 0 and not 16 <= self.input_size <= 1024:
+            check.fail("input_size", "must be 0 (auto) or between 16 and 1024")
+        check.positive("lr")
+        for name in ("weight_decay", "warmup_epochs", "freeze_epochs", "workers", "threads"):
+            check.at_least(name, 0)
+        check.share("trainable")
+        if not 0.0 < self.backbone_lr <= 1.0:
+            check.fail("backbone_lr", "must be in (0, 1]")
+        check.share("label_smoothing", upper_open=True)
+        check.one_of("balance", BALANCE)
+        check.share("soft_f1")
+        check.share("ema", upper_open=True, why="must be between 0 (off) and 1")
+        check.at_least("members", 0, "must be 0 (auto) or at least 1")
+        if not 0.05 <= self.crop_scale <= 1.0:
+            check.fail("crop_scale", "must be between 0.05 and 1")
+        check.share("color_jitter", upper_open=True)
+        check.share("mixup", why="must be between 0 and 1, or auto")
+        check.one_of("head", IMAGE_HEADS)
+        check.one_of("head_features", HEAD_FEATURES)
+        if self.members > 1 and self.head != "finetune":
+            check.fail("members", f"only fine-tuning trains several networks; drop it with --head {self.head}")
+        if self.embeddings is not None and self.head == "finetune":
+            raise MuseumError("--embeddings: only used with --head logreg|svm|mlp|knn")
+        if self.target_precision is not None and not 0.0 < self.target_precision <= 1.0:
+            check.fail("target_precision", "must be in (0, 1]")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from museum.errors import MuseumError, load_failure
-from museum.log import logger
+from museum.log import logger, progress_bar
 from museum.metrics import classification_metrics
 from museum.torchutil import inference_copy
 from museum.utils import atomic_path
@@ -352,8 +352,6 @@ def run_validation(loop: Loop) -> tuple[dict | None, dict | None]:
 
 def fit(loop: Loop, resume: bool = False) -> dict:
     """Train until `epochs` or early stopping; restore the best epoch. Returns the best state."""
-    from tqdm import tqdm
-
     start_epoch, best_metric, best_epoch, bad = 1, -1.0, 0, 0
     best_state = None
     if resume:
@@ -379,14 +377,13 @@ def fit(loop: Loop, resume: bool = False) -> dict:
         if loop.info.is_main:
             logger.info(f"resuming from {loop.out / 'last.pt'} after epoch {state['epoch']} (best {best_metric:.4f} at epoch {best_epoch})")
     writer = _tensorboard(loop.out) if loop.info.is_main else None
-    show = loop.info.is_main and logger.isEnabledFor(20)
     for epoch in range(start_epoch, loop.epochs + 1):
         if bad >= loop.patience:
             break
         epoch_start = time.perf_counter()
         loop.set_frozen(epoch <= loop.freeze_epochs)
-        with tqdm(total=loop.images_per_epoch * loop.info.world, unit="img", desc=f"epoch {epoch}/{loop.epochs}",
-                  disable=None if show else True, leave=False) as bar:
+        with progress_bar(total=loop.images_per_epoch * loop.info.world, unit="img", desc=f"epoch {epoch}/{loop.epochs}",
+                          show=loop.info.is_main) as bar:
             bar.update(0)
             stats = train_one_epoch(loop.model, loop.train_batches(epoch), loop.criterion, loop.optimizer,
                                     loop.scheduler, loop.device, loop.prepare_train, loop.scaler, loop.amp, _WorldBar(bar, loop.info),

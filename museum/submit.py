@@ -26,7 +26,7 @@ from museum.engine import DistInfo, all_gather_objects, cleanup_distributed, set
 from museum.errors import MuseumError
 from museum.experts import Experts, availability_counts, load_experts, log_experts, score_chunk
 from museum.fusion import ROUTES, FusionRule, describe_rule, load_settings, merge_config, rule_from_settings, settings_path
-from museum.log import logger
+from museum.log import logger, progress_bar
 from museum.folders import check_not_input, model_files
 from museum.utils import atomic_path, read_json, resolve_device
 
@@ -236,12 +236,10 @@ def _open_writers(stack: ExitStack, setup: RunSetup, out_ctx, proba_ctx, header:
 def _score_rows(setup: RunSetup, test_csv: Path, lo: int, hi: int | None, writers, summary: SubmitSummary,
                 progress: Callable[[int], None] | None, show: bool) -> None:
     """Score rows [lo, hi) of `test_csv` (every row is still read and checked) and write them in order."""
-    from tqdm import tqdm
-
     config, cascade = setup.config, setup.cascade
     writer, proba_writer = writers
     end = 0
-    with tqdm(unit=" rows", desc="submit", disable=None if show else True, dynamic_ncols=True) as bar:
+    with progress_bar(unit=" rows", desc="submit", show=show) as bar:
         for chunk in iter_competition_chunks(test_csv, chunk_size=config.chunk_size):
             begin, end = end, end + len(chunk)  # the chunk's rows in the file
             keep_lo, keep_hi = max(lo, begin), end if hi is None else min(hi, end)

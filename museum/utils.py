@@ -52,10 +52,15 @@ def check_out_folder(folder: str | Path, option: str = "--out") -> Path:
     return folder
 
 
+def default_report_folder(kind: str, source: str | Path) -> Path:
+    """`reports/KIND-NAME`: where a report command (eda, clean, dedup) writes when not told."""
+    source = Path(source)
+    return Path("reports") / f"{kind}-{source.stem or source.name}"
+
+
 def output_folder(out: str | Path | None, kind: str, source: str | Path) -> Path:
     """The folder a report command writes to (default `reports/KIND-NAME`), created; a file there is an error."""
-    source = Path(source)
-    folder = check_out_folder(out if out is not None else Path("reports") / f"{kind}-{source.stem or source.name}")
+    folder = check_out_folder(out if out is not None else default_report_folder(kind, source))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -31,7 +31,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from museum.data.competition import is_safe_id, read_competition_csv
 from museum.data.files import FileProblem, file_problem, open_regular, skipped_text
 from museum.errors import MuseumError
-from museum.log import logger
+from museum.log import logger, progress_bar
 from museum.utils import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -320,13 +320,11 @@ def decode_cache(paths: list[Path | None], size: int, num_workers: int = 2, cach
 
     Rows that failed are left black; use the mask to drop them.
     """
-    from tqdm import tqdm
-
     out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     failures: Counter = Counter()
     loader = decode_loader(paths, size, num_workers=num_workers, cache_dir=cache_dir, interpolation=interpolation)
-    with tqdm(total=len(paths), unit="img", desc="decode", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=len(paths), unit="img", desc="decode", show=progress) as bar:
         for batch in loader:
             for i, tensor, reason in batch:
                 if tensor is None:

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from museum.config import HEAD_FEATURES
 from museum.errors import MuseumError, load_failure
-from museum.log import logger
+from museum.log import logger, progress_bar
 from museum.utils import atomic_path, resolve_device
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 # decoded: an up-to-date embeddings file is answered without them.
 
 EMBED_FORMAT = "museum-embeddings/2"
-FEATURES = ("stages", "pooled")
+FEATURES = HEAD_FEATURES  # stages, pooled
 STAGES = 5  # trunk stages tapped by `stages` features
 HIST_BINS = 4  # per RGB channel
 EMBED_CHUNK = 2048  # images decoded at once (about 160 MB at 160 px)
@@ -123,7 +124,6 @@ def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: s
 
     `tta` averages each image's features with its mirror's, as `ImageModel` does at prediction."""
     import torch
-    from tqdm import tqdm
 
     from museum.image.augment import normalize
     from museum.torchutil import inference_copy
@@ -131,8 +131,7 @@ def embed_tensors(net: "nn.Module", images: "torch.Tensor", mean, std, device: s
     net = inference_copy(net).to(device)
     mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     out = []
-    with torch.no_grad(), tqdm(total=len(images), unit="img", desc="embed", disable=None if progress else True,
-                               leave=False) as bar:
+    with torch.no_grad(), progress_bar(total=len(images), unit="img", desc="embed", show=progress) as bar:
         for start in range(0, len(images), batch_size):
             x = normalize(images[start:start + batch_size].to(device), mean_t, std_t)
             if device.startswith("cpu"):

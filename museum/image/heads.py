@@ -31,10 +31,11 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 
 from museum.calibration import fit_temperature, softmax
+from museum.config import IMAGE_HEADS
 from museum.errors import MuseumError, load_failure
 from museum.utils import atomic_path, read_json, write_json
 
-HEADS = ("finetune", "logreg", "svm", "mlp", "knn")
+HEADS = IMAGE_HEADS  # finetune, then the scikit-learn heads
 HEAD_FORMAT = "museum-head/2"
 MLP_HIDDEN = 128
 # The MLP sees the top principal components only: on ~4,000-d stage features L-BFGS took 36–49 s

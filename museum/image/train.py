@@ -34,8 +34,6 @@ from museum.image.validation import split_train_val, val_prediction_rows
 from museum.log import logger
 from museum.utils import check_classes, resolve_device, seed_everything
 
-BALANCE = ("loss", "sampler", "none")
-
 
 def auto_epochs(n_train: int) -> int:
     """Epochs for the data size: about 4,000 image views in all, between 8 and 20 epochs.
@@ -136,10 +134,7 @@ def fit_image_model(config: ImageConfig, paths: Sequence[Path], labels: Sequence
     val_paths = None if val_paths is None else list(val_paths)
     val_labels = None if val_labels is None else list(val_labels)
     check_classes(labels, "training images")  # fine-tuning and every head alike
-    if config.head != "finetune":
-        if config.members > 1:
-            raise MuseumError(f"members={config.members}: only fine-tuning trains several networks, "
-                              f"not a {config.head} head")
+    if config.head != "finetune":  # (ImageConfig refuses members > 1 with a head)
         return fit_head_model(config, paths, labels, val_paths, val_labels, out)
     return fine_tune(config, paths, labels, val_paths, val_labels, out, resume)
 
@@ -148,8 +143,6 @@ def fine_tune(config: ImageConfig, paths: list[Path], labels: list[str], val_pat
               val_labels: list[str] | None, out: str | Path | None, resume: bool = False) -> ImageModel:
     """Split, decode once, fine-tune (`config.members` networks), restore the best epoch."""
     model = ImageModel(config)
-    if config.balance not in BALANCE:
-        raise MuseumError(f"--balance {config.balance}: expected one of {', '.join(BALANCE)}")
     if not paths:
         raise MuseumError("no training images; check --images")
     info, device = setup_distributed(resolve_device(config.device))

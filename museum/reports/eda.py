@@ -20,7 +20,7 @@ import numpy as np
 
 from museum.data.competition import LABEL_COLUMN, is_safe_id, looks_missing, normalise_description, read_competition_csv
 from museum.errors import MuseumError
-from museum.log import logger
+from museum.log import logger, progress_bar
 from museum.reports import html, plots
 from museum.utils import output_folder, write_json
 
@@ -200,12 +200,11 @@ def scan_images(paths: list[str], stats: bool = False, unsafe: dict[int, str] | 
     """Read every image once: its size from the header, a full decode to prove it is usable,
     and with `stats` the per-channel sums of its STATS_SIZE² squashed pixels (memory stays bounded)."""
     from PIL import Image
-    from tqdm import tqdm
 
     from museum.data.images import ImageDecodeError, decode_bytes, read_bytes
 
     scan = ImageScan()
-    for i, path in enumerate(tqdm(paths, unit="img", desc="eda images", disable=None, leave=False)):
+    for i, path in enumerate(progress_bar(paths, unit="img", desc="eda images")):
         if not path:  # an id that cannot be a file name: never turned into a path
             scan.failures.append(((unsafe or {}).get(i, "(unsafe guid)"), "unsafe file name"))
             continue

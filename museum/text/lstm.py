@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from tqdm.auto import tqdm
 
+from museum.log import progress_bar
 from museum.metrics import macro_f1
 
 
@@ -223,7 +223,7 @@ def train_lstm(
     rng = np.random.default_rng(seed)
     result = LSTMTrainResult(best_epoch=0, best_f1=-1.0)
     best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(total=epochs * steps_per_epoch, desc="BiLSTM", unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(total=epochs * steps_per_epoch, desc="BiLSTM", unit="batch", show=progress)
     stale = 0
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
