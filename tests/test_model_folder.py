@@ -298,3 +298,19 @@ def test_unwritable_output_is_one_line(text_model_dir, museum_test_csv):
     result = runner.invoke(app, ["submit", str(museum_test_csv), "--text-model", str(text_model_dir), "--image-model", "none",
                                  "--out", "/proc/museum/s.csv"])
     assert "/proc/museum/s.csv: cannot write there" in one_line(result)
+
+
+def test_submit_on_a_full_disk_is_one_line_and_keeps_the_earlier_submission(text_model_dir, museum_test_csv, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root?)")
+    try:
+        (disk / "s.csv").write_text("earlier submission\n")
+        result = runner.invoke(app, ["submit", str(museum_test_csv), "--text-model", str(text_model_dir),
+                                     "--image-model", "none", "--out", str(disk / "s.csv")])
+        assert "s.csv: cannot write there (No space left on device, the disk is full)" in one_line(result)
+        assert (disk / "s.csv").read_text() == "earlier submission\n"
+        assert sorted(p.name for p in disk.iterdir()) == ["s.csv"]  # no temporary file left behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
