@@ -14,13 +14,28 @@ had been chosen on seed 0's folds. The table averages every fold of every seed.
 Usage: python scripts/bench_text.py [--folds 5] [--seeds 0,1,2] [--models baseline,plain,default]
        [--set field=value ...] (override TextConfig fields of the default model, for experiments)
 Prints a table and writes bench_results/bench_text.json.
+
+Prediction speed (--speed; #21): the text expert's `predict_proba` on train.csv's descriptions after
+loading (the first call, and the best of --repeats), beside fastText's supervised `predict` trained
+and run on the same rows, in one run; each TextModel measurement in a fresh process, per torch
+thread count in --threads. With --before REV the same is measured for the code of commit REV
+(`git archive`, imported from a temporary folder), and the two implementations' probabilities on
+the same rows are compared. Then `museum submit` end to end (a fresh CLI process: imports, model
+loading, CSV, writing) on --submit-rows rows drawn from the real descriptions, and on as many rows
+made distinct (each real description followed by «инв. № N»), for both implementations; their
+submissions are compared label by label.
+  python scripts/bench_text.py --speed [--model DIR] [--before REV] [--threads 1,2] [--repeats 7]
+Prints a table and writes bench_results/bench_text_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# A speed worker imports `museum` from the source tree it is given (the code before a change).
+SOURCE = Path(sys.argv[sys.argv.index("--source") + 1]) if "--source" in sys.argv else ROOT
+sys.path.insert(0, str(SOURCE))
 
 from museum.config import TextConfig, config_to_dict  # noqa: E402
 from museum.data.competition import read_competition_csv, stratified_folds, stratified_split  # noqa: E402
@@ -137,7 +154,205 @@ def pooled(runs: dict[int, dict]) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ speed
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def best_seconds(call, repeats: int) -> float:
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
+def speed_worker(args) -> None:
+    """One fresh process: load the text model (from --source's code), time predict_proba on the rows."""
+    import torch
+
+    torch.set_num_threads(args.threads_one)
+    texts = json.loads(Path(args.rows).read_text(encoding="utf-8"))
+    start = time.perf_counter()
+    model = TextModel.load(args.model)
+    out = {"threads": torch.get_num_threads(), "load_seconds": time.perf_counter() - start, "load_average": load_average(),
+           "code": str(Path(sys.modules[TextModel.__module__].__file__).parents[2])}
+    start = time.perf_counter()
+    proba = model.predict_proba(texts)
+    out["first_call_rows_per_s"] = len(texts) / (time.perf_counter() - start)
+    np.save(args.proba_out, proba)
+    for size in (758, len(texts)):
+        calls = [texts[i:i + size] for i in range(0, len(texts) - size + 1, size)]
+        seconds = best_seconds(lambda: [model.predict_proba(c) for c in calls], args.repeats)
+        out[f"rows_per_s_{size}"] = size * len(calls) / seconds
+    if args.plain and hasattr(model, "expert_probas_reference"):
+        part = texts[:758]
+        seconds = best_seconds(lambda: model.blend(model.expert_probas_reference(part)), max(2, args.repeats // 3))
+        out["plain_path_rows_per_s_758"] = len(part) / seconds
+    out["load_average_after"] = load_average()
+    print(json.dumps(out))
+
+
+def measure_text(source: Path, model: Path, rows: Path, threads: int, repeats: int, proba_out: Path, plain: bool) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--speed-worker", "--source", str(source), "--model", str(model),
+               "--rows", str(rows), "--threads-one", str(threads), "--repeats", str(repeats), "--proba-out", str(proba_out)]
+    done = subprocess.run(command + (["--plain"] if plain else []), capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(source)})
+    if done.returncode:
+        raise SystemExit(f"speed worker failed ({source}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_fasttext(train_texts: list[str], labels: list[str], texts: list[str], repeats: int, folder: Path) -> dict:
+    """fastText supervised (word bigrams, char 2-5-grams like the TF-IDF expert, 100-d), trained and run on the same rows."""
+    try:
+        import fasttext
+    except ImportError:
+        return {"error": "fasttext not installed (pip install fasttext-wheel)"}
+    from museum.text.tokenize import normalise
+
+    def line(text: str) -> str:  # one line per description, lower-cased as the text expert sees it
+        return " ".join(normalise(text).split())
+
+    path = folder / "fasttext_train.txt"
+    path.write_text("".join(f"__label__{label.replace(' ', '_')} {line(t)}\n" for t, label in zip(train_texts, labels)),
+                    encoding="utf-8")
+    settings = dict(epoch=25, lr=0.5, wordNgrams=2, dim=100, minn=2, maxn=5, thread=1, seed=0, verbose=0)
+    start = time.perf_counter()
+    model = fasttext.train_supervised(input=str(path), **settings)
+    out = {"settings": settings, "train_seconds": time.perf_counter() - start, "load_average": load_average()}
+    prepared = [line(t) for t in texts]
+    for k, name in ((1, "top1"), (-1, "all_classes")):
+        model.predict(prepared[:64], k=k)
+        for size in (758, len(texts)):
+            calls = [prepared[i:i + size] for i in range(0, len(prepared) - size + 1, size)]
+            seconds = best_seconds(lambda: [model.predict(c, k=k) for c in calls], repeats)
+            out[f"{name}_rows_per_s_{size}"] = size * len(calls) / seconds
+    return out
+
+
+def run_submit(source: Path, csv_path: Path, model: Path, out: Path, threads: int) -> dict:
+    """`museum submit` end to end in a fresh process (imports, loading, reading, scoring, writing)."""
+    command = [sys.executable, "-m", "museum", "submit", str(csv_path), "--text-model", str(model), "--image-model", "none",
+               "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    load = load_average()
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=source)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"submit failed ({source}):\n{done.stderr[-3000:]}")
+    rows = sum(1 for _ in open(out, encoding="utf-8")) - 1
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "threads": threads,
+            "load_average": load, "load_average_after": load_average()}
+
+
+def submit_files(texts: list[str], rows: int, folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Two text-only CSVs of `rows` rows: real descriptions drawn with replacement (catalogue-like
+    repeats), and the same made distinct by an inventory number."""
+    import csv
+
+    rng = np.random.default_rng(seed)
+    drawn = [texts[i] for i in rng.integers(0, len(texts), rows)]
+    files = {}
+    for name, descriptions in (("drawn", drawn), ("distinct", [f"{t} инв. № {100000 + i}" for i, t in enumerate(drawn)])):
+        files[name] = folder / f"submit_{name}.csv"
+        with open(files[name], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["guid", "description"])
+            writer.writerows((f"r{i:07d}", d) for i, d in enumerate(descriptions))
+    return files
+
+
+def speed_main(args) -> None:
+    from museum.train_text import train_text_model
+
+    threads = [int(t) for t in args.threads.split(",")]
+    table = read_competition_csv(args.train, require_labels=True)
+    texts = [t for t in table.descriptions if t]
+    unlabeled = [t for t in read_competition_csv(args.unlabeled).descriptions if t] if args.unlabeled.exists() else []
+    with tempfile.TemporaryDirectory(prefix="bench_text_speed_") as tmp:
+        tmp = Path(tmp)
+        model = args.model
+        if model is None:
+            model = tmp / "model"
+            print("training the default text model …", flush=True)
+            train_text_model(args.train, model, TextConfig(), progress=False)
+        rows = tmp / "rows.json"
+        rows.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+        sources = {"after": ROOT}
+        if args.before:
+            sources["before"] = tmp / "before"
+            sources["before"].mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "museum"], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(sources["before"])], input=archive.stdout, check=True)
+        print(f"predict_proba on {len(texts)} train.csv descriptions ({len(set(texts))} distinct), load {load_average()} …", flush=True)
+        text = {}
+        for name, source in sources.items():
+            for n in threads:
+                text[f"{name}/{n}"] = measure_text(source, model, rows, n, args.repeats, tmp / f"{name}_{n}.npy",
+                                                   plain=name == "after" and n == threads[0])
+                print(f"  {name:<6} threads {n}: {text[f'{name}/{n}']}", flush=True)
+        agreement = None
+        if args.before:
+            a, b = np.load(tmp / f"after_{threads[0]}.npy"), np.load(tmp / f"before_{threads[0]}.npy")
+            agreement = {"max_abs_diff": float(np.abs(a - b).max()), "argmax_identical": bool((a.argmax(1) == b.argmax(1)).all()),
+                         "rows": len(a)}
+        fast = measure_fasttext(table.descriptions, table.labels, texts, args.repeats, tmp)
+        print(f"  fastText: {fast}", flush=True)
+        submits = {}
+        if args.submit_rows:
+            files = submit_files(texts + unlabeled, args.submit_rows, tmp)
+            for kind, path in files.items():
+                for name, source in sources.items():
+                    submits[f"{kind}/{name}"] = run_submit(source, path, model, tmp / f"sub_{kind}_{name}.csv", args.submit_threads)
+                    print(f"  submit {kind} {name}: {submits[f'{kind}/{name}']}", flush=True)
+                if args.before:
+                    ours = (tmp / f"sub_{kind}_after.csv").read_text(encoding="utf-8")
+                    submits[f"{kind}/identical"] = ours == (tmp / f"sub_{kind}_before.csv").read_text(encoding="utf-8")
+
+    print(f"\ntext expert predict_proba, {len(texts)} train.csv descriptions (rows/s; best of {args.repeats} after a first call)")
+    print(f"{'code/threads':<14} {'first call':>11} {'758-row calls':>14} {'one call':>10} {'load s':>7} {'load avg':>9}")
+    for key, r in text.items():
+        print(f"{key:<14} {r['first_call_rows_per_s']:11.0f} {r['rows_per_s_758']:14.0f} {r[f'rows_per_s_{len(texts)}']:10.0f} "
+              f"{r['load_seconds']:7.2f} {r['load_average']:9.2f}")
+    if "error" not in fast:
+        print(f"{'fastText k=1':<14} {'':>11} {fast['top1_rows_per_s_758']:14.0f} {fast[f'top1_rows_per_s_{len(texts)}']:10.0f}")
+        print(f"{'fastText k=all':<14} {'':>11} {fast['all_classes_rows_per_s_758']:14.0f} "
+              f"{fast[f'all_classes_rows_per_s_{len(texts)}']:10.0f}")
+        best = max(text[f"after/{n}"][f"rows_per_s_{len(texts)}"] for n in threads)
+        print(f"after (best threads) / fastText k=1, one call: {best / fast[f'top1_rows_per_s_{len(texts)}']:.2f}x")
+    else:
+        print(f"fastText: {fast['error']}")
+    plain = text[f"after/{threads[0]}"].get("plain_path_rows_per_s_758")
+    if plain:
+        print(f"plain reference path (expert_probas_reference), 758-row calls, {threads[0]} thread(s): {plain:.0f} rows/s")
+    if agreement:
+        print(f"after vs before on the same rows: max |Δp| {agreement['max_abs_diff']:.2e}, "
+              f"argmax identical: {agreement['argmax_identical']}")
+    for key, r in submits.items():
+        if isinstance(r, dict):
+            print(f"submit {key:<16} {r['rows']} rows {r['seconds']:6.1f} s {r['rows_per_s']:8.0f} rows/s "
+                  f"(OMP threads {r['threads']}, load {r['load_average']:.1f})")
+        else:
+            print(f"submit {key:<16} {r}")
+    write_json(args.speed_out, {"rows": len(texts), "distinct_rows": len(set(texts)), "repeats": args.repeats, "before": args.before,
+                                "text_model": text, "fasttext": fast, "after_vs_before": agreement, "submit": submits,
+                                "cpu_count": os.cpu_count()})
+    print(f"wrote {args.speed_out}")
+
+
 def main() -> None:
+    if "--speed-worker" in sys.argv:
+        worker = argparse.ArgumentParser()
+        for flag in ("--speed-worker", "--plain"):
+            worker.add_argument(flag, action="store_true")
+        for flag in ("--source", "--model", "--rows", "--proba-out"):
+            worker.add_argument(flag)
+        worker.add_argument("--threads-one", type=int, default=1)
+        worker.add_argument("--repeats", type=int, default=7)
+        return speed_worker(worker.parse_args())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN)
     parser.add_argument("--unlabeled", type=Path, default=DEFAULT_UNLABELED)
@@ -146,7 +361,17 @@ def main() -> None:
     parser.add_argument("--models", default="baseline,plain,default")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_text.json")
+    parser.add_argument("--speed", action="store_true", help="measure prediction speed instead of the CV (see above)")
+    parser.add_argument("--model", type=Path, help="--speed: a text model folder (default: train one on --train)")
+    parser.add_argument("--before", help="--speed: also measure the code of this git commit, e.g. dc45ea6")
+    parser.add_argument("--threads", default="1,2", help="--speed: torch thread counts to measure")
+    parser.add_argument("--repeats", type=int, default=7, help="--speed: best of this many calls")
+    parser.add_argument("--submit-rows", type=int, default=200_000, help="--speed: rows of the submit files (0: no submit)")
+    parser.add_argument("--submit-threads", type=int, default=1, help="--speed: OMP_NUM_THREADS of the submit processes")
+    parser.add_argument("--speed-out", type=Path, default=ROOT / "bench_results" / "bench_text_speed.json")
     args = parser.parse_args()
+    if args.speed:
+        return speed_main(args)
     seeds = parse_seeds(args.seeds)
     setup_logging()
     import logging

@@ -57,8 +57,7 @@ def test_ranges_and_chunk_table():
     table = ChunkTable(lambda chunk: calls.append(chunk) or [ord(ch) for ch in chunk], limit=4)
     texts = ["ab c", "", "ab ab d", "e f g h i j"]
     for _ in range(2):  # the last text overflows the limit: the table starts afresh and still answers right
-        chunks, counts = split_chunks(texts)
-        flat, per_text = table.sequences(table.ids(chunks), counts)
+        flat, per_text = table.lookup(split_chunks(texts))
         assert per_text.tolist() == [sum(len(c) for c in t.split()) for t in texts]
         assert flat.tolist() == [ord(ch) for t in texts for c in t.split() for ch in c]
     assert calls.count("ab") <= 2  # computed once per table generation, not once per occurrence

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-from museum.text.tokenize import ChunkTable, paused_gc, split_chunks
+from museum.text.tokenize import Chunks, ChunkTable, paused_gc, split_chunks
 
 MAX_CACHED_WORDS = 500_000  # ~100 MB at most; catalogue text repeats a few tens of thousands of words
 
@@ -56,20 +56,20 @@ class CharWbTransformer:
         return [j for j in map(vocabulary.get, word_ngrams(word, min_n, max_n)) if j is not None]
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
-        return self.transform_chunks(*split_chunks(texts))
+        return self.transform_chunks(split_chunks(texts))
 
-    def transform_chunks(self, chunks: list[str], counts: np.ndarray) -> sp.csr_matrix:
-        """`transform` of texts given as `split_chunks` returns them (str.split() is the whitespace rule
+    def transform_chunks(self, chunks: Chunks) -> sp.csr_matrix:
+        """`transform` of texts given as their `split_chunks` (str.split() is the whitespace rule
         scikit-learn's char_wb analyser applies, after lower-casing, which keeps whitespace as it is)."""
         with paused_gc():
-            rows = self._words.ids(chunks)
+            rows = self._words.ids(chunks.distinct)[chunks.where]
         table = self._words
         if len(self._ones) < len(table.values):
             self._ones = np.ones(2 * len(table.values), dtype=np.float32)
         # int32 indices throughout: scipy would copy the whole table to widen them.
         words = sp.csr_matrix((self._ones[:len(table.values)], table.values, table.indptr.astype(np.int32)),
                               shape=(len(table), len(self.vectorizer.vocabulary_)))
-        per_text = counts_matrix(rows, len(table), counts)
+        per_text = counts_matrix(rows, len(table), chunks.counts)
         # Integer counts, exact in float32. Indices come out unsorted: only float32 summation order
         # could tell, and normalize sums squares in float64.
         return tfidf_weigh(per_text @ words, self.vectorizer)

@@ -19,7 +19,7 @@ from sklearn.svm import LinearSVC
 
 from museum.calibration import fit_temperature, softmax
 from museum.text.charwb import CharWbTransformer, tfidf_weigh
-from museum.text.tokenize import ChunkTable, normalise, paused_gc, split_chunks
+from museum.text.tokenize import Chunks, ChunkTable, normalise, paused_gc, split_chunks
 
 _VECTORIZERS = {
     "word": dict(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b|№"),
@@ -68,15 +68,15 @@ class WordNgramTransformer:
         return [get(t, -1) for t in tokenize(preprocess(self.prepare(chunk) if self.prepare else chunk))]
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
-        return self.transform_chunks(*split_chunks(texts))
+        return self.transform_chunks(split_chunks(texts))
 
-    def transform_chunks(self, chunks: list[str], counts: np.ndarray) -> sp.csr_matrix:
-        """`transform` of texts given as `split_chunks` returns them."""
+    def transform_chunks(self, chunks: Chunks) -> sp.csr_matrix:
+        """`transform` of texts given as their `split_chunks`."""
         with paused_gc():
-            chunk_ids = self._chunks.ids(chunks)
-        ids, lengths = self._chunks.sequences(chunk_ids, counts)
+            ids, lengths = self._chunks.lookup(chunks)
+        n = len(chunks)
         ids = ids.astype(np.int64)
-        row = np.repeat(np.arange(len(counts)), lengths)
+        row = np.repeat(np.arange(n), lengths)
         unigram = self._unigram_column[ids]
         # Adjacent pairs within a text; a pair with an unknown token is no vocabulary bigram.
         first, second = ids[:-1], ids[1:]
@@ -87,7 +87,7 @@ class WordNgramTransformer:
         columns = np.concatenate([unigram[unigram >= 0], self._bigram_column[at[found]]])
         rows = np.concatenate([row[unigram >= 0], row[1:][known][found]])
         v = self.vectorizer
-        matrix = sp.csr_matrix((np.ones(len(columns), dtype=v.dtype), (rows, columns)), shape=(len(counts), len(v.vocabulary_)))
+        matrix = sp.csr_matrix((np.ones(len(columns), dtype=v.dtype), (rows, columns)), shape=(n, len(v.vocabulary_)))
         matrix.sum_duplicates()
         return tfidf_weigh(matrix, v)
 
@@ -99,16 +99,16 @@ class TfidfExpert:
         self.c = c
         self.seed = seed
 
-    def _blocks(self, texts: list[str], reference: bool = False,
-                chunks: tuple[list[str], np.ndarray] | None = None) -> list[sp.csr_matrix]:
+    def _blocks(self, texts: list[str], reference: bool = False, chunks: Chunks | None = None) -> list[sp.csr_matrix]:
         """Each vectorizer's TF-IDF matrix: through `WordNgramTransformer` / `CharWbTransformer` (the same
         values, the char_wb rows' indices unsorted), or with `reference` through scikit-learn's `transform`.
         `chunks`: `split_chunks(texts)`, when the caller has it already."""
         if reference:
             texts = [normalise(t) for t in texts]
             return [v.transform(texts) for v in self.vectorizers_.values()]
-        chunks = chunks or split_chunks(texts)  # normalised chunk by chunk, in the transformers' caches
-        return [self._fast[name].transform_chunks(*chunks) for name in self.vectorizers_]
+        if chunks is None:
+            chunks = split_chunks(texts)  # normalised chunk by chunk, in the transformers' caches
+        return [self._fast[name].transform_chunks(chunks) for name in self.vectorizers_]
 
     def _features(self, texts: list[str], reference: bool = False) -> sp.csr_matrix:
         x = sp.hstack(self._blocks(texts, reference)).tocsr()
@@ -116,10 +116,16 @@ class TfidfExpert:
         return x
 
     def _set_vectorizers(self, vectorizers: dict[str, TfidfVectorizer]) -> None:
-        """Fitted vectorizers, and the fast transformer of each (a fresh word cache for char_wb ones)."""
+        """Fitted vectorizers; their fast transformers (with empty caches) are made on first use."""
         self.vectorizers_ = vectorizers
-        fast = {"char_wb": CharWbTransformer, "word": WordNgramTransformer}
-        self._fast = {n: fast[v.analyzer](v, prepare=normalise) for n, v in vectorizers.items()}
+        self._fast_transformers = None
+
+    @property
+    def _fast(self) -> dict:
+        if getattr(self, "_fast_transformers", None) is None:
+            kinds = {"char_wb": CharWbTransformer, "word": WordNgramTransformer}
+            self._fast_transformers = {n: kinds[v.analyzer](v, prepare=normalise) for n, v in self.vectorizers_.items()}
+        return self._fast_transformers
 
     def fit(self, texts: list[str], labels: list[str]) -> "TfidfExpert":
         self.classes_ = sorted(set(labels))
@@ -147,7 +153,7 @@ class TfidfExpert:
         self.temperature_ = fit_temperature(scores, y)
         return self
 
-    def decision_function(self, texts: list[str], chunks: tuple[list[str], np.ndarray] | None = None) -> np.ndarray:
+    def decision_function(self, texts: list[str], chunks: Chunks | None = None) -> np.ndarray:
         # Block by block: the same sum as the stacked matrix's, without stacking it.
         scores = np.tile(self.intercept_, (len(texts), 1))
         for block, coef in zip(self._blocks(texts, chunks=chunks), self._coef_blocks()):
@@ -163,7 +169,7 @@ class TfidfExpert:
                                                       for a, b in zip(bounds[:-1], bounds[1:])])
         return cached[1]
 
-    def predict_proba(self, texts: list[str], chunks: tuple[list[str], np.ndarray] | None = None) -> np.ndarray:
+    def predict_proba(self, texts: list[str], chunks: Chunks | None = None) -> np.ndarray:
         """Probabilities with columns in `classes_` order (`chunks`: `split_chunks(texts)`, if at hand)."""
         return softmax(self.decision_function(texts, chunks) * self.temperature_)
 

@@ -12,7 +12,8 @@ import gc
 import re
 from contextlib import contextmanager
 from functools import lru_cache
-from itertools import chain
+from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Callable
 
 import numpy as np
@@ -74,13 +75,29 @@ def tokenize_uncached(text: str) -> list[str]:
     return [_token_of(match.group()) for match in _TOKEN.finditer(normalise(text))]
 
 
-def split_chunks(texts: list[str]) -> tuple[list[str], np.ndarray]:
-    """(every text's whitespace-separated chunks, one list in text order; the number of chunks of each text).
+@dataclass
+class Chunks:
+    """Texts as their whitespace-separated chunks: `distinct` chunks (first-seen order), `where` each
+    chunk occurrence is among them (text after text), `counts` how many occurrences each text has.
 
     The unit of the prediction caches: no token of this tokenizer or of the TF-IDF vectorizers spans
-    whitespace, and lower-casing and «ё» folding work character by character."""
+    whitespace, and lower-casing and «ё» folding work character by character. A `ChunkTable` looks
+    up each distinct chunk of a call once."""
+
+    distinct: list[str]
+    where: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+def split_chunks(texts: list[str]) -> Chunks:
     parts = list(map(str.split, texts))
-    return list(chain.from_iterable(parts)), np.fromiter(map(len, parts), np.int64, len(parts))
+    counts = np.fromiter(map(len, parts), np.int64, len(parts))
+    every = list(chain.from_iterable(parts))
+    place = {chunk: i for i, chunk in enumerate(dict.fromkeys(every))}
+    return Chunks(list(place), np.fromiter(map(place.__getitem__, every), np.int64, len(every)), counts)
 
 
 class ChunkTable:
@@ -112,16 +129,20 @@ class ChunkTable:
         return self._values[:self._indptr[len(self._id)]]
 
     def ids(self, chunks: list[str]) -> np.ndarray:
-        """The table ids of `chunks`, computing the chunks not met before."""
-        found = list(map(self._id.get, chunks))
-        if None in found:
-            new = list(dict.fromkeys(c for c, i in zip(chunks, found) if i is None))
-            if len(self._id) + len(new) > self.limit:
+        """The table ids of distinct `chunks`, computing the chunks not met before."""
+        found = np.fromiter(map(self._id.get, chunks, repeat(-1)), np.int64, len(chunks))
+        missing = np.flatnonzero(found < 0)
+        if len(missing):
+            if len(self._id) + len(missing) > self.limit:
                 self.clear()
-                new = list(dict.fromkeys(chunks))
-            self._add(new)
-            found = list(map(self._id.__getitem__, chunks))
-        return np.array(found, dtype=np.int64)
+                missing = np.arange(len(chunks))
+            self._add([chunks[i] for i in missing])
+            found = np.fromiter(map(self._id.__getitem__, chunks), np.int64, len(chunks))
+        return found
+
+    def lookup(self, chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
+        """(the values of every chunk occurrence of `chunks`' texts end to end, how many each text has)."""
+        return self.sequences(self.ids(chunks.distinct)[chunks.where], chunks.counts)
 
     def _add(self, chunks: list[str]) -> None:
         sequences = [self.compute(c) for c in chunks]
