@@ -4,7 +4,13 @@
 and rows, in file order), stratified and seeded, with every group of rows that share a description
 (after normalisation) or a near-duplicate image kept whole on one side: a copy of a training row
 in the validation file would be scored as if unseen. Description and image groups that share a
-row are joined first, so that moving one never splits another.
+row are joined first, so that placing one never splits another.
+
+`grouped_split` places whole groups, largest first, on the side that brings the validation counts
+closer to each class's target (as `stratified_split` sets it). Drawing rows and then moving each
+straddling group to its majority side (`leak_free_split`) was measured to shrink the validation
+side when many rows repeat a description: 13 % instead of 20 % on museum_multimodal, where 320 of
+751 rows share one.
 
 `trained_rows_warnings` compares a labelled CSV's guids with those of the CSV each model was
 trained on (its `data.json`, `museum.provenance`).
@@ -20,8 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from museum.data.competition import (guid_image_paths, iter_competition_chunks, leak_free_split, read_competition_csv,
-                                     stratified_split, text_groups)
+from museum.data.competition import guid_image_paths, iter_competition_chunks, read_competition_csv, text_groups
 from museum.errors import MuseumError
 from museum.folders import check_not_input
 from museum.log import logger
@@ -63,6 +68,36 @@ def join_groups(groups: Sequence[dict | Sequence[int]], n: int) -> list[list[int
     return list(joined.values())
 
 
+def grouped_split(labels: Sequence[str], groups: Sequence[Sequence[int]], val_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train_idx, valid_idx) with each group (disjoint lists of row indices) on one side, and each class's
+    validation count as close as the groups allow to `stratified_split`'s: round(share x rows), at least one for a
+    class of two rows or more, never all of them.
+
+    Units (groups, then single rows) are placed largest first, in a seeded order within a size; each goes to
+    validation if that lowers the summed distance of the validation counts from their targets."""
+    classes = sorted(set(labels))
+    y = np.array([classes.index(c) for c in labels]) if len(labels) else np.zeros(0, dtype=int)
+    total = np.bincount(y, minlength=len(classes))
+    target = np.where(total < 2, 0, np.minimum(total - 1, np.maximum(1, np.round(val_fraction * total))))
+    grouped = np.zeros(len(labels), dtype=bool)
+    units = [np.asarray(g, dtype=int) for g in groups]
+    for g in units:
+        grouped[g] = True
+    units += [np.array([i]) for i in np.flatnonzero(~grouped)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(units))
+    order = order[np.argsort([-len(units[i]) for i in order], kind="stable")]
+    valid = np.zeros(len(classes))
+    side = np.zeros(len(labels), dtype=bool)
+    for i in order:
+        counts = np.bincount(y[units[i]], minlength=len(classes))
+        if np.abs(valid + counts - target).sum() < np.abs(valid - target).sum():
+            valid += counts
+            side[units[i]] = True
+    return np.flatnonzero(~side), np.flatnonzero(side)
+
+
 def split_csv(csv_path: str | Path, out: str | Path, images: str | Path | None = None, val_fraction: float = 0.2,
               seed: int = 0, threshold: float | None = None, device: str = "auto") -> SplitResult:
     """Write `out/train.csv` and `out/valid.csv`: a stratified, seeded split of a labelled CSV with no description
@@ -87,8 +122,7 @@ def split_csv(csv_path: str | Path, out: str | Path, images: str | Path | None =
         counts["image"] = len(found)
         groups += found
     joined = join_groups(groups, len(table))
-    train_idx, valid_idx = leak_free_split(labels, joined, val_fraction, seed)
-    moved = len(np.setxor1d(stratified_split(labels, val_fraction, seed)[1], valid_idx))
+    train_idx, valid_idx = grouped_split(labels, joined, val_fraction, seed)
 
     out.mkdir(parents=True, exist_ok=True)
     train_path = _write_side(csv_path, out / "train.csv", table.guids, train_idx)
@@ -99,9 +133,9 @@ def split_csv(csv_path: str | Path, out: str | Path, images: str | Path | None =
         "format": SPLIT_FORMAT, "source": file_record(csv_path), "images": str(Path(images).resolve()) if images else None,
         "val_fraction": val_fraction, "seed": seed, "threshold": threshold, "train_rows": len(train_idx),
         "valid_rows": len(valid_idx), "duplicate_groups": counts, "joined_groups": len(joined),
-        "rows_in_groups": sum(len(g) for g in joined), "rows_moved": moved,
+        "rows_in_groups": sum(len(g) for g in joined),
     })
-    text = _summary(out, labels, train_idx, valid_idx, counts, joined, moved, seed)
+    text = _summary(out, labels, train_idx, valid_idx, counts, joined, seed)
     return SplitResult(out, train_path, valid_path, train_idx, valid_idx, counts, text)
 
 
@@ -134,15 +168,15 @@ def _link_images(link: Path, images: Path) -> None:
     logger.warning(f"{link}: could not link it to {target} ({reason}); pass --images {target} to the commands that read the split")
 
 
-def _summary(out: Path, labels: list[str], train_idx, valid_idx, counts: dict, joined: list, moved: int, seed: int) -> str:
+def _summary(out: Path, labels: list[str], train_idx, valid_idx, counts: dict, joined: list, seed: int) -> str:
     train, valid = Counter(labels[i] for i in train_idx), Counter(labels[i] for i in valid_idx)
     width = max(24, *(len(c) for c in train | valid))
     kinds = ", ".join(f"{n} by {'description' if k == 'text' else 'image'}" for k, n in counts.items())
     lines = [
         f"{out}: train.csv {len(train_idx):,} rows, valid.csv {len(valid_idx):,} rows "
         f"({len(valid_idx) / max(1, len(labels)):.1%}), seed {seed}",
-        f"duplicate groups ({kinds}) kept on one side: {sum(len(g) for g in joined):,} rows in {len(joined):,} joined "
-        f"groups; {moved} row(s) moved from where the stratified draw put them",
+        f"duplicate groups ({kinds}) kept whole on one side: {sum(len(g) for g in joined):,} rows in {len(joined):,} "
+        "joined groups",
         f"{'class':<{width}}{'train':>8}{'valid':>8}",
     ]
     lines += [f"{c:<{width}}{train[c]:>8}{valid[c]:>8}" for c in sorted(train | valid)]
