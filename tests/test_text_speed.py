@@ -107,6 +107,18 @@ def test_tfidf_transformers_match_scikit_learn(descriptions, name):
             assert got.dtype == expected.dtype and got.shape == expected.shape and (got != expected).nnz == 0
 
 
+@pytest.mark.parametrize("ngram_range", [(2, 5), (4, 5)])  # (4, 5): one-letter words are shorter than min_n
+def test_char_ngram_codes_match_cutting_word_by_word(descriptions, ngram_range):
+    normalised = [normalise(t) for t in descriptions]
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=ngram_range).fit(normalised[:1500])
+    fast = CharWbTransformer(vectorizer, prepare=normalise)
+    assert fast._codes.usable
+    words = list(dict.fromkeys(split_chunks(descriptions).distinct + ["a", "Я", "ΣΑ", "\u2003x", "aaaaaaa", "№"]))
+    lengths, flat = fast._indices_many(words)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    assert [sorted(flat[a:b]) for a, b in zip(bounds[:-1], bounds[1:])] == [sorted(fast._indices(w)) for w in words]
+
+
 def test_word_vector_logits_match_features(descriptions):
     rng = np.random.default_rng(0)
     tokens = [tokenize(t) for t in descriptions]

@@ -233,7 +233,8 @@ class TextModel(ClassifierMixin, BaseEstimator):
         """`expert_probas` of distinct texts, through each expert's fast path (`expert_probas_reference`'s
         probabilities to float32 rounding: tests/test_text_speed.py)."""
         tokens = self._token_cache()
-        chunks = split_chunks(texts)
+        with paused_gc():
+            chunks = split_chunks(texts)
         numbers, counts = tokens(chunks)
         if self.device == "cpu":
             logits = self._fast_lstm().logits(*truncate_ids(tokens.lstm_ids[numbers], counts, self.config_.max_len))

@@ -124,7 +124,8 @@ class TfidfExpert:
     def _fast(self) -> dict:
         if getattr(self, "_fast_transformers", None) is None:
             kinds = {"char_wb": CharWbTransformer, "word": WordNgramTransformer}
-            self._fast_transformers = {n: kinds[v.analyzer](v, prepare=normalise) for n, v in self.vectorizers_.items()}
+            with paused_gc():  # tens of thousands of small lists: collections walking the model took 0.14 s
+                self._fast_transformers = {n: kinds[v.analyzer](v, prepare=normalise) for n, v in self.vectorizers_.items()}
         return self._fast_transformers
 
     def fit(self, texts: list[str], labels: list[str]) -> "TfidfExpert":

@@ -101,16 +101,24 @@ def split_chunks(texts: list[str]) -> Chunks:
 
 
 class ChunkTable:
-    """Distinct chunks → a sequence of ints each, `compute(chunk)` called once per chunk.
+    """Distinct chunks → a sequence of ints each, computed once per chunk: `compute(chunk)`, or
+    `compute_many(chunks)` → (lengths, values end to end) for all new chunks of a call at once.
 
     The sequences are stored end to end (`values`, chunk c's at ``values[indptr[c]:indptr[c+1]]``, a
     CSR matrix's arrays), so a call's texts are turned into ints by numpy gathers, not a Python loop
     per token. At `limit` chunks the table starts afresh (ids handed out before become invalid)."""
 
-    def __init__(self, compute: Callable[[str], list[int]], limit: int = 200_000) -> None:
+    def __init__(self, compute: Callable[[str], list[int]] | None = None, limit: int = 200_000,
+                 compute_many: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.compute = compute
+        self.compute_many = compute_many or self._each
         self.limit = limit
         self.clear()
+
+    def _each(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        sequences = [self.compute(c) for c in chunks]
+        lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+        return lengths, np.fromiter(chain.from_iterable(sequences), np.int32, int(lengths.sum()))
 
     def clear(self) -> None:
         self._id: dict[str, int] = {}
@@ -145,9 +153,7 @@ class ChunkTable:
         return self.sequences(self.ids(chunks.distinct)[chunks.where], chunks.counts)
 
     def _add(self, chunks: list[str]) -> None:
-        sequences = [self.compute(c) for c in chunks]
-        lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
-        flat = np.fromiter(chain.from_iterable(sequences), np.int32, int(lengths.sum()))
+        lengths, flat = self.compute_many(chunks)
         first, start = len(self._id), int(self._indptr[len(self._id)])
         self._indptr = _grown(self._indptr, first + len(chunks) + 1)
         self._values = _grown(self._values, start + len(flat))
