@@ -20,7 +20,7 @@ from museum.cli import app
 from museum.data.images import safe_open_image
 from museum.data.competition import leak_free_split, split_leaks, text_groups
 from museum.dedup import run_dedup
-from museum.image.duplicates import similar_pairs
+from museum.image.duplicates import file_hash, join_groups, similar_pairs
 
 
 def _rows(path: Path) -> list[dict]:
@@ -105,6 +105,57 @@ def test_blockwise_pairs_equal_brute_force():
     brute = {(i, j) for i in range(300) for j in range(i + 1, 300) if ok[i] and ok[j] and full[i, j] >= 0.9}
     found = {(i, j) for i, j, _ in similar_pairs(x, ok, 0.9, block=32)}
     assert found == brute and len(found) >= 9
+
+
+def _union_find_groups(hashes: list, pairs: list) -> list[dict]:
+    """The union-find museum.image.duplicates used before scipy's connected components (the reference)."""
+    parent = list(range(len(hashes)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i, j):
+        a, b = find(i), find(j)
+        parent[max(a, b)] = min(a, b)
+
+    first = {}
+    for i, h in enumerate(hashes):
+        if h is not None:
+            union(first.setdefault(h, i), i)
+    for i, j, _ in pairs:
+        union(i, j)
+    components, lowest = {}, {}
+    for i in range(len(hashes)):
+        components.setdefault(find(i), []).append(i)
+    for i, j, s in pairs:
+        lowest[find(i)] = min(lowest.get(find(i), 1.0), s)
+    return [{"kind": "exact" if len({hashes[i] for i in m}) == 1 else "near", "members": m,
+             "similarity": 1.0 if len({hashes[i] for i in m}) == 1 else lowest.get(root, 1.0)}
+            for root, m in components.items() if len(m) > 1]
+
+
+def test_groups_are_what_union_find_gave(folder_with_copies):
+    """Real file hashes (byte copies among them, an unreadable row) and near pairs planted in chains
+    (a copy of a copy), joined by connected components exactly as by the former union-find."""
+    root, _ = folder_with_copies
+    files = sorted(root.rglob("*.jpg")) * 3  # every file three times more: many exact groups
+    hashes = [file_hash(p) for p in files] + [None]
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(len(hashes), 24)).astype(np.float32)
+    for start in range(0, 60, 6):  # chains 0-1-2: 0 and 2 may be too far apart to pair directly
+        x[start + 1] = x[start] + 0.3 * rng.normal(size=24)
+        x[start + 2] = x[start + 1] + 0.3 * rng.normal(size=24)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    pairs = similar_pairs(x, np.ones(len(hashes), dtype=bool), 0.9)
+    assert len(pairs) >= 10
+    groups = join_groups(hashes, pairs)
+    assert groups == _union_find_groups(hashes, pairs)
+    assert {g["kind"] for g in groups} == {"exact", "near"}
+    assert join_groups([], []) == [] and join_groups(["a", None, "a"], []) == [
+        {"kind": "exact", "members": [0, 2], "similarity": 1.0}]
 
 
 def test_splits_keep_groups_whole():

@@ -13,7 +13,7 @@
   distance over crop-ratio pairs is ≤ `MAX_HASH`: each signal alone is noisy on look-alike
   frames, both together rarely agree by chance.
 
-Pairs are joined into groups by union-find (a copy of a copy is one group). Groups are dicts
+Pairs are joined into groups as connected components (a copy of a copy is one group). Groups are dicts
 (`kind`, `members` (row indices), `similarity`), like `museum.data.competition.text_groups`
 for descriptions; `museum.data.competition.leak_free_split` keeps each on one side of a split,
 and `museum dedup` (`museum.dedup`) reports them.
@@ -22,11 +22,13 @@ and `museum dedup` (`museum.dedup`) reports them.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from museum.data.files import open_regular
 from museum.image.embed import image_embeddings
@@ -127,20 +129,40 @@ def similar_pairs(feats: np.ndarray, ok: np.ndarray, threshold: float, block: in
     return pairs
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+def _first_rows(file_hashes: Sequence[str | None]) -> dict[str, int]:
+    """Each distinct hash's first row."""
+    first: dict[str, int] = {}
+    for i, h in enumerate(file_hashes):
+        if h is not None:
+            first.setdefault(h, i)
+    return first
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
 
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)
+def join_groups(file_hashes: Sequence[str | None], pairs: Sequence[tuple[int, int, float]]) -> list[dict]:
+    """The groups of rows joined by the same bytes (equal `file_hashes`) or by near `pairs` (i, j, cosine),
+    a copy of a copy in the same group: the connected components (scipy) of the graph of those links.
+
+    Groups come in the order of their first row, members ascending; a group's `similarity` is its lowest
+    pair cosine (1.0 when all its files are the same bytes)."""
+    n = len(file_hashes)
+    first_of = _first_rows(file_hashes)
+    same_bytes = [(first_of[h], i) for i, h in enumerate(file_hashes) if h is not None]
+    near = np.array([(i, j) for i, j, _ in pairs], dtype=np.int64).reshape(-1, 2)
+    links = np.vstack([np.array(same_bytes, dtype=np.int64).reshape(-1, 2), near])
+    graph = coo_matrix((np.ones(len(links), dtype=np.int8), (links[:, 0], links[:, 1])), shape=(n, n))
+    # Components are numbered from the lowest unvisited row on, so in the order of their first row.
+    count, component = connected_components(graph, directed=False)
+    lowest = np.ones(count)
+    np.minimum.at(lowest, component[near[:, 0]], np.array([s for _, _, s in pairs], dtype=np.float64))
+    members = np.split(np.argsort(component, kind="stable"), np.cumsum(np.bincount(component, minlength=count))[:-1])
+    groups = []
+    for k, rows in enumerate(members):
+        if len(rows) > 1:
+            rows = rows.tolist()
+            exact = len({file_hashes[i] for i in rows}) == 1
+            groups.append({"kind": "exact" if exact else "near", "members": rows,
+                           "similarity": 1.0 if exact else float(lowest[k])})
+    return groups
 
 
 def image_groups(paths: Sequence[Path | None], threshold: float = DEFAULT_THRESHOLD, cache_file: Path | None = None,
@@ -148,36 +170,12 @@ def image_groups(paths: Sequence[Path | None], threshold: float = DEFAULT_THRESH
     """Exact (same bytes) and near (cosine ≥ threshold, or crop hash confirming a cosine ≥ `HASH_FLOOR`) image
     duplicate groups, as dicts with `members`."""
     hashes = [file_hash(p) for p in paths]
-    uf = _UnionFind(len(paths))
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, h in enumerate(hashes):
-        if h is not None:
-            by_hash[h].append(i)
-    for members in by_hash.values():
-        for j in members[1:]:
-            uf.union(members[0], j)
     feats, ok = image_embeddings(paths, cache_file, device, given=embeddings)
-    # Exact copies already share a group: compare one embedding per distinct file.
+    # Exact copies share a group anyway: compare one embedding per distinct file.
     first = np.zeros(len(paths), dtype=bool)
-    first[[m[0] for m in by_hash.values()]] = True
-    lowest: dict[int, float] = {}
+    first[list(_first_rows(hashes).values())] = True
     crops, hashed = image_hashes(paths, ok & first)
-    pairs = similar_pairs(feats, ok & first, threshold, hashes=crops, hash_ok=hashed)
-    for i, j, s in pairs:
-        uf.union(i, j)
-    components: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(paths)):
-        components[uf.find(i)].append(i)
-    for i, j, s in pairs:
-        root = uf.find(i)
-        lowest[root] = min(lowest.get(root, 1.0), s)
-    groups = []
-    for root, members in components.items():
-        if len(members) > 1:
-            exact = len({hashes[i] for i in members}) == 1
-            groups.append({"kind": "exact" if exact else "near", "members": members,
-                           "similarity": 1.0 if exact else lowest.get(root, 1.0)})
-    return groups
+    return join_groups(hashes, similar_pairs(feats, ok & first, threshold, hashes=crops, hash_ok=hashed))
 
 
 def finish_groups(groups: list[dict], labels: Sequence[str] | None) -> list[dict]:
