@@ -114,10 +114,11 @@ def test_eda_csv_with_image_folder(tmp_path, multimodal_dir):
 
 def test_eda_errors_are_one_line(tmp_path, museum_train_csv):
     runner = CliRunner()
+    (tmp_path / "no_images").mkdir()
     for args, expected in (
         (["eda", str(tmp_path / "nope.csv")], "not found"),
         (["eda", str(museum_train_csv), "--stats"], "has no images"),
-        (["eda", str(museum_train_csv), "--stats", "--images", str(tmp_path), "--out", str(tmp_path / "o")],
+        (["eda", str(museum_train_csv), "--stats", "--images", str(tmp_path / "no_images"), "--out", str(tmp_path / "o")],
          "no readable image"),
     ):
         result = runner.invoke(app, args)

@@ -365,3 +365,57 @@ def test_report_of_1000_validation_images_is_quick(tmp_path, image_run, characte
     assert _per_class_rows(page) == 10
     assert (run / "pr_curves.png").is_file() and (run / "reliability.png").is_file()
     assert page.stat().st_size < 2_000_000  # bounded grid, small thumbnails
+
+
+# ----------------------------------------------------------------------------- escaping (jinja2 autoescape)
+
+HOSTILE = '<script>document.title="pwned"</script> & "q" \'s\' <b>bold</b>'
+
+
+def test_report_helpers_escape_text_and_pass_markup():
+    from museum.reports import html
+
+    table = html.table(("name", "n", "score"), [(HOSTILE, 1234, 0.123456), ("x" * 61, None, 12345.6)], bad_rows=[True])
+    assert "<script>" not in table and "&lt;script&gt;" in table and "&lt;b&gt;bold" in table
+    assert '<tr class="bad"><td class="text">&lt;script' in table  # flagged; long text wraps
+    assert '<td class="num">1,234</td><td class="num">0.1235</td>' in table  # numbers right-aligned, 4 decimals
+    assert '<tr><td class="text">' + "x" * 61 in table and "<td>—</td>" in table and "12,345.6" in table
+    section = html.section(HOSTILE, html.note(HOSTILE), "<i>plain text is escaped</i>", html.heading("h"))
+    assert "<script>" not in section and "&lt;i&gt;plain" in section and "<h3>h</h3>" in section
+    assert section.count("&lt;script&gt;") == 2 and '<p class="note">&lt;script' in section
+    page = html.page(HOSTILE, HOSTILE, [section])
+    assert "<script>" not in page and page.startswith("<!DOCTYPE html>") and "<style>" in page
+
+
+def test_report_page_shows_hostile_names_as_text_in_chromium(tmp_path, multimodal_dir):
+    """Class names, descriptions, file names, config values and the title are user text: Chromium must show
+    them as written, run none of them, and load nothing but the page itself."""
+    table = read_competition_csv(multimodal_dir / "train.csv", require_labels=True)
+    from museum.data.images import ImageDecodeError, safe_open_image
+
+    def readable(path: Path) -> bool:
+        try:
+            return path.is_file() and safe_open_image(path, draft=64) is not None
+        except ImageDecodeError:
+            return False
+
+    keep = [i for i, g in enumerate(table.guids[:80]) if readable(multimodal_dir / "images" / f"{g}.jpg")][:24]
+    named = tmp_path / f"{HOSTILE.replace('/', '_')}.jpg"  # a file name is user text too
+    shutil.copy(multimodal_dir / "images" / f"{table.guids[keep[0]]}.jpg", named)
+    classes = sorted({table.labels[i] for i in keep}) + [HOSTILE]
+    y_true = [HOSTILE if k % 4 == 0 else table.labels[i] for k, i in enumerate(keep)]
+    proba = np.random.default_rng(0).dirichlet(np.ones(len(classes)), size=len(keep))
+    y_pred = [classes[j] for j in proba.argmax(1)]
+    examples = [{"path": str(named if k == 0 else multimodal_dir / "images" / f"{table.guids[i]}.jpg"),
+                 "text": HOSTILE if k < 3 else table.descriptions[i]} for k, i in enumerate(keep)]
+    page = build_report_from_predictions(tmp_path / "out", y_true, y_pred, proba, classes, examples, title=HOSTILE,
+                                         config={"note": HOSTILE, "device": "auto"})
+    text = page.read_text(encoding="utf-8")
+    assert "<script>" not in text and "<b>bold" not in text
+    assert not re.findall(r'(?:src|href)="(?!data:)', text)  # every image inline, nothing linked
+    check = open_in_chromium(page, tmp_path / "hostile.png", height=4000)
+    # The title is still the text as written (the script would have set it to "pwned"); the only script is the probe.
+    assert "<title>&lt;script&gt;document.title=" in check.dom and check.dom.count("<script>") == 1
+    assert "<b>bold" not in check.dom and not check.broken_images
+    assert any(HOSTILE in c["text"] for c in check.captions)  # the class name shown as written
+    assert any(img["alt"] == named.name and img["width"] for img in check.images)

@@ -6,14 +6,24 @@ from __future__ import annotations
 import html
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from browser import dump_dom
-from museum.serve.page import route_note, static_file
+from museum.serve.limits import Limits
+from museum.serve.page import render_job, render_page, route_note, static_file
 from museum.serve.service import Prediction
 
 THRESHOLDS = {"text": 0.7, "image": 0.6}
+HOSTILE = '<script>alert(1)</script> & "quotes" \'single\' <b>bold</b>'
+
+
+def _predictor(text_classes: list[str] | None = None):
+    """What render_page reads of a Predictor: its experts' classes and the routing thresholds."""
+    text = SimpleNamespace(classes_=text_classes) if text_classes else None
+    config = SimpleNamespace(text_threshold=THRESHOLDS["text"], image_threshold=THRESHOLDS["image"])
+    return SimpleNamespace(experts=SimpleNamespace(text=text, image=None), setup=SimpleNamespace(config=config))
 
 
 def _prediction(route: str, text: float | None, image: float | None) -> Prediction:
@@ -40,8 +50,7 @@ def test_one_modality_is_sure_only_above_its_threshold():
 
 def test_app_js_says_what_the_server_says(tmp_path):
     """app.js's `routeNote` run in Chromium on the page's own template, for every case."""
-    page = static_file("page.html").decode("utf-8")
-    page = re.sub(r"\$(\w+)", lambda m: {"text_threshold": "0.7", "image_threshold": "0.6"}.get(m.group(1), ""), page)
+    page = render_page(_predictor(), Limits())
     responses = [{"route": route, "experts": {kind: None if p is None else {"typology": "графика", "probability": p}
                                               for kind, p in (("text", text), ("image", image))}}
                  for route, text, image in CASES]
@@ -59,3 +68,23 @@ def test_app_js_says_what_the_server_says(tmp_path):
 def test_no_unconditional_sure_enough_left(name):
     text = static_file(name).decode("utf-8")
     assert "alone was sure enough\"" not in text and "ROUTE_NOTES" not in text
+
+
+def test_pages_escape_every_model_and_user_string():
+    """Class names, descriptions, warnings and errors reach the page as text (jinja2 autoescape), never as markup."""
+    prediction = Prediction(typology=HOSTILE, route="text", classes=[HOSTILE, "b"], probabilities=[0.75, 0.25],
+                            experts={"text": {"typology": HOSTILE, "probability": 0.75}, "image": None},
+                            warnings=[HOSTILE])
+    page = render_page(_predictor([HOSTILE, "b"]), Limits(), prediction, error=HOSTILE, description=HOSTILE)
+    job = render_job(SimpleNamespace(id="abc", state="error", error=HOSTILE, rows_total=3, rows_done=1))
+    for text in (page, job):
+        assert "<script>alert" not in text and "<b>bold" not in text
+    escaped = html.escape(HOSTILE, quote=True).replace("&#x27;", "&#39;").replace("&quot;", "&#34;")
+    assert page.count(escaped) == 7  # typology, bar name and its title, experts line, description, error, warning
+    assert 'style="width:75.0%"' in page and "text expert: &lt;script&gt;" in page
+    assert escaped in job and "1 of 3 rows · error" in job and 'http-equiv="refresh"' not in job
+    running = render_job(SimpleNamespace(id="abc", state="running", error="", rows_total=3, rows_done=1))
+    assert 'http-equiv="refresh"' in running and "reloads every second" in running
+    empty = render_page(_predictor(), Limits())
+    assert re.search(r'<section id="result"[^>]* hidden>', empty) and 'role="alert" hidden>' in empty
+    assert re.search(r'<input id="image"[^>]* disabled>', empty) and re.search(r'<textarea[^>]* disabled>', empty)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from museum.data.competition import LABEL_COLUMN, is_safe_id, looks_missing, normalise_description, read_competition_csv
+from museum.data.competition import LABEL_COLUMN, is_safe_id, looks_missing, read_competition_csv, text_groups
 from museum.errors import MuseumError
 from museum.log import logger, progress_bar
 from museum.reports import html, plots
@@ -150,18 +150,13 @@ def _class_section(out_dir: Path, labels: list[str], summary: dict) -> str:
 
 
 def duplicate_groups(texts: list[str], labels: list[str] | None) -> list[dict]:
-    """Descriptions appearing more than once (case and spacing ignored), with their label counts."""
-    rows_of: dict[str, list[int]] = defaultdict(list)
-    for i, text in enumerate(texts):
-        key = normalise_description(text)
-        if key:
-            rows_of[key].append(i)
+    """Descriptions appearing more than once (case and spacing ignored, as `text_groups` finds them), with
+    their label counts; a blank label is no label, so it makes no conflict."""
     groups = []
-    for rows in rows_of.values():
-        if len(rows) > 1:
-            label_counts = Counter(labels[i] for i in rows if labels[i]) if labels else Counter()
-            groups.append({"description": texts[rows[0]], "rows": len(rows), "labels": dict(label_counts.most_common()),
-                           "conflicting": len(label_counts) > 1})
+    for rows in (g["members"] for g in text_groups(texts)):
+        label_counts = Counter(labels[i] for i in rows if labels[i]) if labels else Counter()
+        groups.append({"description": texts[rows[0]], "rows": len(rows), "labels": dict(label_counts.most_common()),
+                       "conflicting": len(label_counts) > 1})
     return sorted(groups, key=lambda g: (not g["conflicting"], -g["rows"], g["description"]))
 
 
@@ -186,7 +181,7 @@ def _text_section(out_dir: Path, texts: list[str], labels: list[str] | None, sum
              html.png(figure, "description lengths")]
     if groups:
         shown = groups[:MAX_LISTED]
-        parts.append("<h3>Duplicate descriptions (conflicting labels first)</h3>")
+        parts.append(html.heading("Duplicate descriptions (conflicting labels first)"))
         parts.append(html.table(("description", "rows", "labels"),
                                 [(g["description"], g["rows"], ", ".join(f"{k} ×{v}" for k, v in g["labels"].items()))
                                  for g in shown], bad_rows=[g["conflicting"] for g in shown]))
@@ -264,11 +259,11 @@ def _image_section(out_dir: Path, scan: ImageScan, summary: dict) -> str:
         figure = plots.size_scatter(scan.widths, scan.heights, outlier, out_dir / "image_sizes.png")
         parts.append(html.png(figure, "image sizes"))
     if s["outliers"]:
-        parts += ["<h3>Size outliers</h3>", html.table(("file", "width", "height"),
-                                                      [(o["path"], o["width"], o["height"]) for o in s["outliers"]])]
+        parts += [html.heading("Size outliers"), html.table(("file", "width", "height"),
+                                                            [(o["path"], o["width"], o["height"]) for o in s["outliers"]])]
     if scan.failures:
-        parts += ["<h3>Unreadable files</h3>", html.table(("file", "reason"), scan.failures[:MAX_LISTED],
-                                                         bad_rows=[True] * len(scan.failures))]
+        parts += [html.heading("Unreadable files"), html.table(("file", "reason"), scan.failures[:MAX_LISTED],
+                                                               bad_rows=[True] * len(scan.failures))]
     return html.section("Images", *parts)
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from markupsafe import Markup
+from sklearn.metrics import confusion_matrix
 
 from museum.errors import MuseumError
 from museum.log import logger
@@ -248,7 +250,7 @@ def render_report(out_dir: Path, report: ReportInput) -> Path:
         summary["mean average precision"] = pr["mean_ap"]
     else:
         pr = None
-    sections.append(html.cards(summary) + "".join(html.note(m) for m in notes))
+    sections.append(Markup().join([html.cards(summary), *map(html.note, notes)]))
     if report.config:
         sections.append(_config_section(report.config, report.resolved))
     sections.append(_data_section(out_dir, report, metrics))
@@ -299,13 +301,12 @@ def _config_section(config: dict, resolved: dict) -> str:
         marker = AUTO.get(key, ...)
         automatic = key in AUTO and (value is None if marker is None else value == marker and not isinstance(value, bool))
         if not automatic:
-            items[key] = html.Raw(html.esc(_compact(value))) if isinstance(value, float) else value
-        elif resolved.get(key) is not None:
-            items[key] = html.Raw(f"<b>{html.esc(_compact(resolved[key]))}</b> <i>(auto)</i>")
+            items[key] = _compact(value) if isinstance(value, float) else value
         else:
-            items[key] = html.Raw("<i>auto (not recorded by this run)</i>")
+            chosen = resolved.get(key)
+            items[key] = html.macros("run_report.html").auto_value(None if chosen is None else _compact(chosen))
     return html.section("Config", html.key_values(items),
-                        '<p class="muted">(auto): left to the trainer, which chose the value shown.</p>')
+                        html.muted("(auto): left to the trainer, which chose the value shown.", "p"))
 
 
 def _compact(value) -> str:
@@ -373,16 +374,13 @@ def _binary_section(out_dir: Path, b: dict) -> str:
     figure = plots.roc_pr_curves(b, out_dir / "roc_pr.png")
     return html.section(f"{b['positive']} vs {b['negative']}: ROC, precision–recall and the threshold",
                         html.key_values(facts), html.png(figure, "ROC and precision-recall curves"),
-                        "<h3>Confusion matrix at the threshold</h3>", table)
+                        html.heading("Confusion matrix at the threshold"), table)
 
 
 def _confusion_section(out_dir: Path, examples: list[dict], classes: Sequence[str]) -> str:
     seen = {e["true"] for e in examples} | {e["pred"] for e in examples}
     labels = [c for c in classes if c in seen] + sorted(seen - set(classes))
-    index = {c: i for i, c in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    for e in examples:
-        matrix[index[e["true"]], index[e["pred"]]] += 1
+    matrix = confusion_matrix([e["true"] for e in examples], [e["pred"] for e in examples], labels=labels)
     figure = plots.confusion_matrix(matrix, labels, out_dir / "confusion_matrix.png")
     support = matrix.sum(1)
     pairs = sorted(((matrix[i, j], i, j) for i in range(len(labels)) for j in range(len(labels)) if i != j and matrix[i, j]),
@@ -390,7 +388,7 @@ def _confusion_section(out_dir: Path, examples: list[dict], classes: Sequence[st
     table = html.table(("true class", "predicted as", "rows", "share of the true class"),
                        [(labels[i], labels[j], int(n), float(n / support[i])) for n, i, j in pairs])
     return html.section("Confusion matrix", html.png(figure, "confusion matrix"),
-                        "<h3>Most-confused pairs</h3>", table if pairs else html.note("no errors"))
+                        html.heading("Most-confused pairs"), table if pairs else html.note("no errors"))
 
 
 def _example_sections(examples: list[dict]) -> list[str]:
@@ -421,14 +419,13 @@ def _example_sections(examples: list[dict]) -> list[str]:
 
 def _image_grid(examples: list[dict], with_loss: bool = False) -> str:
     """Thumbnails with the true and predicted class (full names, wrapped) and the confidence."""
+    caption = html.macros("run_report.html").example_caption
     figures = []
     for e in examples:
-        wrong = e["true"] != e["pred"]
-        confidence = f" · {float(e['confidence']):.2f}" if e.get("confidence") is not None else ""
-        loss = f'<br><span class="muted">loss {float(e["loss"]):.2f}</span>' if with_loss and e.get("loss") is not None else ""
-        caption = (f'<span class="muted">true</span> {html.esc(e["true"])}<br>'
-                   f'<span class="pred">{"✗ " if wrong else ""}predicted {html.esc(e["pred"])}{confidence}</span>{loss}')
-        figures.append((thumbnail_tag(e["path"], Path(e["path"]).name), caption, wrong))
+        confidence, loss = e.get("confidence"), e.get("loss") if with_loss else None
+        figures.append((thumbnail_tag(e["path"], Path(e["path"]).name),
+                        caption(e["true"], e["pred"], None if confidence is None else float(confidence),
+                                None if loss is None else float(loss)), e["true"] != e["pred"]))
     return html.figure_grid(figures)
 
 

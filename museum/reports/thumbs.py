@@ -8,27 +8,28 @@ page opens with no network and no files beside it.
 
 from __future__ import annotations
 
-import base64
 import io
 from pathlib import Path
 
-from museum.reports.html import esc
+from markupsafe import Markup
+
+from museum.reports import html
 
 THUMB = 160  # pixels on the longer side: enough to tell what a photo shows
 
 
-def thumbnail_tag(path: str | Path | None, alt: str, size: int = THUMB) -> str:
+def thumbnail_tag(path: str | Path | None, alt: str, size: int = THUMB) -> Markup:
     """`<img>` of the image at `path` scaled so its longer side is `size`, or a grey note saying why it can't be shown."""
     from PIL import Image
 
     from museum.data.images import ImageDecodeError, safe_open_image
 
     if path is None:
-        return '<span class="muted">no image</span>'
+        return html.muted("no image")
     try:
         img = safe_open_image(path, draft=size)
     except ImageDecodeError as exc:  # a moved or broken file still yields a page
-        return f'<span class="muted">{esc(exc.reason)}</span>'
+        return html.muted(exc.reason)
     scale = size / max(img.size)
     if scale < 1:
         img.thumbnail((size, size))
@@ -37,6 +38,4 @@ def thumbnail_tag(path: str | Path | None, alt: str, size: int = THUMB) -> str:
                          Image.NEAREST if scale >= 2 else Image.BICUBIC)
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=80)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return (f'<img src="data:image/jpeg;base64,{data}" alt="{esc(alt)}" width="{img.width}" '
-            f'height="{img.height}" style="margin:0;display:inline-block">')
+    return html.image(buffer.getvalue(), "image/jpeg", alt, img.width, img.height)

@@ -1,14 +1,15 @@
-"""Render the packaged HTML templates (`static/*.html`, `string.Template` syntax).
+"""Render the packaged HTML templates (`static/*.html`, jinja2).
 
-Every value that reaches the HTML goes through `html.escape`: class names, descriptions
-and error messages are user- or model-supplied text.
+Autoescape is on: class names, descriptions and error messages are user- or model-supplied
+text, and every value that reaches the HTML is escaped by the template engine.
 """
 
 from __future__ import annotations
 
-from html import escape
+from functools import cache
 from importlib import resources
-from string import Template
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from museum import __version__
 from museum.serve.jobs import Job
@@ -42,25 +43,15 @@ def static_file(name: str) -> bytes:
     return resources.files("museum.serve").joinpath("static", name).read_bytes()
 
 
-def _template(name: str) -> Template:
-    return Template(static_file(name).decode("utf-8"))
-
-
-def _bars(prediction: Prediction) -> str:
-    rows = []
-    for name, p in prediction.top():
-        rows.append(
-            f'<li><span class="name" title="{escape(name)}">{escape(name)}</span>'
-            f'<span class="bar"><span class="fill" style="width:{100 * p:.1f}%"></span></span>'
-            f'<span class="pct">{100 * p:.1f}%</span></li>'
-        )
-    return "".join(rows)
+@cache
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("museum.serve", "static"), autoescape=True, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True)
 
 
 def _experts_line(prediction: Prediction) -> str:
-    parts = [f"{kind} expert: {e['typology']} {100 * e['probability']:.1f}%"
-             for kind, e in prediction.experts.items() if e is not None]
-    return escape(" · ".join(parts))
+    return " · ".join(f"{kind} expert: {e['typology']} {100 * e['probability']:.1f}%"
+                      for kind, e in prediction.experts.items() if e is not None)
 
 
 def render_page(predictor: Predictor, limits: Limits, prediction: Prediction | None = None,
@@ -71,40 +62,14 @@ def render_page(predictor: Predictor, limits: Limits, prediction: Prediction | N
               if m is not None]
     p = prediction
     thresholds = {"text": predictor.setup.config.text_threshold, "image": predictor.setup.config.image_threshold}
-    return _template("page.html").substitute(
-        models=escape("Loaded: " + ", ".join(loaded)),
-        max_mb=limits.upload_bytes // MB,
-        csv_mb=limits.csv_bytes // MB,
-        max_chars=MAX_DESCRIPTION_CHARS,
-        image_disabled="" if experts.image is not None else "disabled",
-        text_disabled="" if experts.text is not None else "disabled",
-        description=escape(description),
-        error=escape(error),
-        error_hidden="" if error else "hidden",
-        result_hidden="" if p else "hidden",
-        typology=escape(p.typology) if p else "",
-        route=escape(p.route) if p else "",
-        route_note=escape(route_note(p, thresholds)) if p else "",
-        text_threshold=thresholds["text"],
-        image_threshold=thresholds["image"],
-        bars=_bars(p) if p else "",
-        experts=_experts_line(p) if p else "",
-        warnings="".join(f"<li>{escape(w)}</li>" for w in p.warnings) if p else "",
-        version=__version__,
+    return _environment().get_template("page.html").render(
+        loaded=loaded, max_mb=limits.upload_bytes // MB, csv_mb=limits.csv_bytes // MB, max_chars=MAX_DESCRIPTION_CHARS,
+        image_enabled=experts.image is not None, text_enabled=experts.text is not None,
+        description=description, error=error, p=p, thresholds=thresholds,
+        route_note=route_note(p, thresholds) if p else "", experts=_experts_line(p) if p else "", version=__version__,
     )
 
 
 def render_job(job: Job) -> str:
     """The no-JS progress page of a submission job; it reloads itself until the job ends."""
-    running = job.state in ("queued", "running")
-    if job.state == "done":
-        body = f'<p><a href="/jobs/{job.id}/submission.csv" download="submission.csv">Download submission.csv</a></p>'
-    elif job.state == "error":
-        body = f'<p class="error">{escape(job.error)}</p>'
-    else:
-        body = '<p class="hint">This page reloads every second.</p>'
-    return _template("job.html").substitute(
-        refresh='<meta http-equiv="refresh" content="1">' if running else "",
-        state=escape(job.state), total=job.rows_total,
-        done=job.rows_done, body=body,
-    )
+    return _environment().get_template("job.html").render(job=job, running=job.state in ("queued", "running"))
