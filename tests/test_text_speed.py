@@ -15,6 +15,7 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from museum.data.competition import read_competition_csv
+from museum.text import charwb
 from museum.text.charwb import CharWbTransformer
 from museum.text.lstm import BiLSTMClassifier, FastBiLSTM, encode, predict_logits, truncate_ids
 from museum.text.model import TextModel, _TokenCache
@@ -152,9 +153,28 @@ def test_text_model_fast_path_matches_reference(text_model_dir, descriptions, mo
         assert np.abs(proba - expected[rows]).max() < TOLERANCE and (proba.argmax(1) == expected[rows].argmax(1)).all()
     # Small caches start afresh mid-call and between calls; the answers stay the same.
     monkeypatch.setattr(_TokenCache, "limit", 50)
+    monkeypatch.setattr(WordNgramTransformer, "cache_limit", 50)
+    monkeypatch.setattr(charwb, "MAX_CACHED_WORDS", 50)
     small = TextModel.load(text_model_dir)
     for rows in (order, np.arange(len(descriptions))):
         assert_same({k: p[rows] for k, p in reference.items()}, small.expert_probas([descriptions[i] for i in rows]))
+
+
+def test_threads_share_one_model(text_model_dir, descriptions, monkeypatch):
+    """The caches are shared by the server's worker threads: concurrent calls, with caches small enough
+    to start afresh while others read them, each get their own rows' answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(_TokenCache, "limit", 300)
+    monkeypatch.setattr(WordNgramTransformer, "cache_limit", 300)
+    monkeypatch.setattr(charwb, "MAX_CACHED_WORDS", 300)
+    model = TextModel.load(text_model_dir)
+    expected = model.blend(model.expert_probas_reference(descriptions))
+    parts = [np.random.default_rng(seed).permutation(len(descriptions))[:600] for seed in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda rows: model.predict_proba([descriptions[i] for i in rows]), parts))
+    for rows, proba in zip(parts, answers):
+        assert np.abs(proba - expected[rows]).max() < TOLERANCE
 
 
 def test_fast_bilstm_follows_changed_weights(text_model_dir, descriptions):

@@ -92,14 +92,14 @@ class CharWbTransformer:
         """`transform` of texts given as their `split_chunks` (str.split() is the whitespace rule
         scikit-learn's char_wb analyser applies, after lower-casing, which keeps whitespace as it is)."""
         with paused_gc():
-            rows = self._words.ids(chunks.distinct)[chunks.where]
-        table = self._words
-        if len(self._ones) < len(table.values):
-            self._ones = np.ones(2 * len(table.values), dtype=np.float32)
+            rows, indptr, values = self._words.rows(chunks)
+        ones = self._ones
+        if len(ones) < len(values):
+            ones = self._ones = np.ones(2 * len(values), dtype=np.float32)
         # int32 indices throughout: scipy would copy the whole table to widen them.
-        words = sp.csr_matrix((self._ones[:len(table.values)], table.values, table.indptr.astype(np.int32)),
-                              shape=(len(table), len(self.vectorizer.vocabulary_)))
-        per_text = counts_matrix(rows, len(table), chunks.counts)
+        words = sp.csr_matrix((ones[:len(values)], values, indptr.astype(np.int32)),
+                              shape=(len(indptr) - 1, len(self.vectorizer.vocabulary_)))
+        per_text = counts_matrix(rows, len(indptr) - 1, chunks.counts)
         # Integer counts, exact in float32. Indices come out unsorted: only float32 summation order
         # could tell, and normalize sums squares in float64.
         return tfidf_weigh(per_text @ words, self.vectorizer)

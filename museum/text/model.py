@@ -22,6 +22,7 @@ The model folder holds plain, safely loadable files only:
 from __future__ import annotations
 
 import json
+import threading
 import time
 from itertools import islice
 from dataclasses import fields, replace
@@ -232,12 +233,11 @@ class TextModel(ClassifierMixin, BaseEstimator):
     def _distinct_expert_probas(self, texts: list[str]) -> dict[str, np.ndarray]:
         """`expert_probas` of distinct texts, through each expert's fast path (`expert_probas_reference`'s
         probabilities to float32 rounding: tests/test_text_speed.py)."""
-        tokens = self._token_cache()
         with paused_gc():
             chunks = split_chunks(texts)
-        numbers, counts = tokens(chunks)
+        lstm_ids, vector_rows, counts = self._token_cache()(chunks)
         if self.device == "cpu":
-            logits = self._fast_lstm().logits(*truncate_ids(tokens.lstm_ids[numbers], counts, self.config_.max_len))
+            logits = self._fast_lstm().logits(*truncate_ids(lstm_ids, counts, self.config_.max_len))
         else:  # the packed nn.LSTM on the accelerator
             token_lists = self._tokenizer.many(texts)
             logits = predict_logits(self.lstm_, *encode(token_lists, self._index, self.config_.max_len), self.device)
@@ -245,7 +245,7 @@ class TextModel(ClassifierMixin, BaseEstimator):
         if self.tfidf_ is not None:
             probas["tfidf"] = self.tfidf_.predict_proba(texts, chunks)
         if self.vectors_ is not None:
-            probas["vectors"] = self.vectors_.predict_proba_rows(tokens.vector_rows[numbers], counts)
+            probas["vectors"] = self.vectors_.predict_proba_rows(vector_rows, counts)
         return probas
 
     def _token_cache(self) -> "_TokenCache":
@@ -399,15 +399,16 @@ class TextModel(ClassifierMixin, BaseEstimator):
 
 
 class _TokenCache:
-    """Texts → token numbers, each distinct whitespace-separated chunk tokenized once (a `ChunkTable`) and
+    """Texts → token ids, each distinct whitespace-separated chunk tokenized once (a `ChunkTable`) and
     each distinct token looked up once: `lstm_ids[number]` is its BiLSTM vocabulary id (1 = unknown),
     `vector_rows[number]` its word-vector row (-1 = unknown). A call's cost is numpy gathers, not a
-    Python loop per token."""
+    Python loop per token. Safe to share between threads (a lock; arrays are replaced, never rewritten)."""
 
     limit = 200_000  # distinct tokens kept; then it starts afresh
 
     def __init__(self, tokenizer: Tokenizer, index: dict[str, int], vectors: WordVectorExpert | None) -> None:
         self.tokenizer, self.index, self.vectors = tokenizer, index, vectors
+        self._lock = threading.Lock()
         self.clear()
 
     def clear(self) -> None:
@@ -420,11 +421,12 @@ class _TokenCache:
         number = self.number
         return [number.setdefault(t, len(number)) for t in self.tokenizer(chunk)]
 
-    def __call__(self, chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
-        """(the token numbers of texts given as their `split_chunks`, end to end; how many each text has)."""
-        if len(self.number) > self.limit:
-            self.clear()
-        with paused_gc():
+    def __call__(self, chunks: Chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(BiLSTM ids and word-vector rows of the tokens of texts given as their `split_chunks`, end to
+        end; how many tokens each text has)."""
+        with self._lock, paused_gc():
+            if len(self.number) > self.limit:
+                self.clear()
             numbers, lengths = self.chunks.lookup(chunks)
             if len(self.number) > len(self.lstm_ids):  # tokens first met in this call
                 new = list(islice(self.number, len(self.lstm_ids), None))
@@ -432,7 +434,7 @@ class _TokenCache:
                 self.lstm_ids = np.concatenate([self.lstm_ids, np.array([get(t, 1) for t in new], dtype=np.int64)])
                 rows = self.vectors.word_rows(new) if self.vectors is not None else np.full(len(new), -1)
                 self.vector_rows = np.concatenate([self.vector_rows, rows])
-        return numbers.astype(np.int64), lengths
+            return self.lstm_ids[numbers], self.vector_rows[numbers], lengths
 
 
 def _distinct(texts: list[str]) -> tuple[list[str], np.ndarray | None]:

@@ -38,6 +38,8 @@ class WordNgramTransformer:
     character by character.
     """
 
+    cache_limit = 200_000  # distinct chunks kept; then the cache starts afresh
+
     def __init__(self, vectorizer: TfidfVectorizer, prepare: Callable[[str], str] | None = None) -> None:
         if vectorizer.analyzer != "word" or vectorizer.ngram_range != (1, 2) or vectorizer.stop_words is not None \
                 or vectorizer.binary or vectorizer.input != "content" or vectorizer.tokenizer is not None:
@@ -60,7 +62,7 @@ class WordNgramTransformer:
         order = np.argsort(keys)
         self._bigram_keys = keys[order]
         self._bigram_column = np.array([j for _, j in pairs], dtype=np.int64)[order]
-        self._chunks = ChunkTable(self._token_ids)
+        self._chunks = ChunkTable(self._token_ids, limit=self.cache_limit)
 
     def _token_ids(self, chunk: str) -> list[int]:
         preprocess, tokenize = self._analyse

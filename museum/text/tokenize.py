@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
@@ -104,15 +105,17 @@ class ChunkTable:
     """Distinct chunks → a sequence of ints each, computed once per chunk: `compute(chunk)`, or
     `compute_many(chunks)` → (lengths, values end to end) for all new chunks of a call at once.
 
-    The sequences are stored end to end (`values`, chunk c's at ``values[indptr[c]:indptr[c+1]]``, a
-    CSR matrix's arrays), so a call's texts are turned into ints by numpy gathers, not a Python loop
-    per token. At `limit` chunks the table starts afresh (ids handed out before become invalid)."""
+    The sequences are stored end to end (chunk c's at ``values[indptr[c]:indptr[c+1]]``, a CSR
+    matrix's arrays), so a call's texts are turned into ints by numpy gathers, not a Python loop per
+    token. At `limit` chunks the table starts afresh. Safe to share between threads: lookups and
+    additions hold a lock, and a lookup answers from arrays that later additions never rewrite."""
 
     def __init__(self, compute: Callable[[str], list[int]] | None = None, limit: int = 200_000,
                  compute_many: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.compute = compute
         self.compute_many = compute_many or self._each
         self.limit = limit
+        self._lock = threading.Lock()
         self.clear()
 
     def _each(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,48 +131,41 @@ class ChunkTable:
     def __len__(self) -> int:
         return len(self._id)
 
-    @property
-    def indptr(self) -> np.ndarray:
-        return self._indptr[:len(self._id) + 1]
-
-    @property
-    def values(self) -> np.ndarray:
-        return self._values[:self._indptr[len(self._id)]]
-
-    def ids(self, chunks: list[str]) -> np.ndarray:
-        """The table ids of distinct `chunks`, computing the chunks not met before."""
-        found = np.fromiter(map(self._id.get, chunks, repeat(-1)), np.int64, len(chunks))
-        missing = np.flatnonzero(found < 0)
-        if len(missing):
-            if len(self._id) + len(missing) > self.limit:
-                self.clear()
-                missing = np.arange(len(chunks))
-            self._add([chunks[i] for i in missing])
-            found = np.fromiter(map(self._id.__getitem__, chunks), np.int64, len(chunks))
-        return found
+    def rows(self, chunks: Chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the table row of every chunk occurrence, text after text; the table's indptr and values as
+        they stand, covering those rows), computing the chunks not met before."""
+        distinct = chunks.distinct
+        with self._lock:
+            found = np.fromiter(map(self._id.get, distinct, repeat(-1)), np.int64, len(distinct))
+            missing = np.flatnonzero(found < 0)
+            if len(missing):
+                if len(self._id) + len(missing) > self.limit:
+                    self.clear()
+                    missing = np.arange(len(distinct))
+                self._add([distinct[i] for i in missing])
+                found = np.fromiter(map(self._id.__getitem__, distinct), np.int64, len(distinct))
+            n = len(self._id)
+            indptr = self._indptr[:n + 1]
+            return found[chunks.where], indptr, self._values[:indptr[n]]
 
     def lookup(self, chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
         """(the values of every chunk occurrence of `chunks`' texts end to end, how many each text has)."""
-        return self.sequences(self.ids(chunks.distinct)[chunks.where], chunks.counts)
+        rows, indptr, values = self.rows(chunks)
+        starts = indptr[rows]
+        lengths = indptr[rows + 1] - starts
+        per_chunk_end = np.concatenate([[0], np.cumsum(lengths)])
+        text_bounds = np.concatenate([[0], np.cumsum(chunks.counts)])
+        return values[ranges(starts, lengths)], np.diff(per_chunk_end[text_bounds])
 
     def _add(self, chunks: list[str]) -> None:
         lengths, flat = self.compute_many(chunks)
         first, start = len(self._id), int(self._indptr[len(self._id)])
+        # Grown by copying, filled past the used part only: arrays handed out stay as they were.
         self._indptr = _grown(self._indptr, first + len(chunks) + 1)
         self._values = _grown(self._values, start + len(flat))
         self._indptr[first + 1:first + len(chunks) + 1] = start + np.cumsum(lengths)
         self._values[start:start + len(flat)] = flat
         self._id.update(zip(chunks, range(first, first + len(chunks))))
-
-    def sequences(self, ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the values of chunks `ids` end to end, how many belong to each text), texts having
-        `counts` consecutive chunks each."""
-        starts, ends = self._indptr[ids], self._indptr[ids + 1]
-        lengths = ends - starts
-        flat = self._values[ranges(starts, lengths)]
-        per_chunk_end = np.concatenate([[0], np.cumsum(lengths)])
-        text_bounds = np.concatenate([[0], np.cumsum(counts)])
-        return flat, np.diff(per_chunk_end[text_bounds])
 
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
