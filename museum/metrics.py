@@ -33,7 +33,10 @@ def classification_metrics(
 
 
 def format_report(metrics: dict, title: str = "") -> str:
-    """A fixed-width text table of `classification_metrics` output, sorted by F1."""
+    """A fixed-width text table of `classification_metrics` output, sorted by F1 (worst first).
+
+    Not scikit-learn's `classification_report`, which lists classes in label order and recomputes the scores:
+    this one prints the metrics already computed, weakest classes on top as the reports show them."""
     rows = sorted(metrics["per_class"].items(), key=lambda kv: kv[1]["f1"])
     width = max([len(k) for k in metrics["per_class"]] + [10])
     lines = [title] if title else []

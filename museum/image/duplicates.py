@@ -60,7 +60,10 @@ def file_hash(path: Path | None) -> str | None:
 
 
 def crop_hashes(img) -> np.ndarray:
-    """pHash bits of `img`'s centre crops at `CROP_RATIOS`, packed: (len(CROP_RATIOS), 32) uint8."""
+    """pHash bits of `img`'s centre crops at `CROP_RATIOS`, packed: (len(CROP_RATIOS), 32) uint8.
+
+    Not the `imagehash` package's phash: that one keeps 8 × 8 frequencies with the DC term (64 bits, one crop);
+    `MAX_HASH` was chosen on these 255 bits (16 × 16 less DC) over several crops."""
     from PIL import Image
     from scipy.fft import dctn
 
@@ -108,7 +111,10 @@ def similar_pairs(feats: np.ndarray, ok: np.ndarray, threshold: float, block: in
                   hashes: np.ndarray | None = None, hash_ok: np.ndarray | None = None,
                   floor: float = HASH_FLOOR, max_hash: float = MAX_HASH) -> list[tuple[int, int, float]]:
     """(i, j, cosine) for i < j with cosine ≥ threshold, or (given `hashes`) cosine ≥ `floor` and crop-hash
-    distance ≤ `max_hash`; rows are unit vectors, compared a block at a time."""
+    distance ≤ `max_hash`; rows are unit vectors, compared a block at a time.
+
+    Hand-written rather than scikit-learn's `pairwise_distances_chunked`: each block is multiplied only by the
+    rows after it (half the products), 1.6 s against 2.5 s for 6,000 × 1,280 features, same pairs."""
     idx = np.flatnonzero(ok)
     x = feats[idx]
     hashed = hash_ok[idx] if hashes is not None else None
