@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from museum.config import FusionConfig, ImageConfig, TextConfig, config_from_dict, config_to_dict
 from museum.data.competition import CompetitionTable, normalise_description, read_competition_csv, stratified_split
@@ -46,24 +48,18 @@ RUNTIME_OPTIONS = frozenset({"device", "workers", "threads", "cache_dir", "embed
 
 
 def description_groups(descriptions: list[str], extra_groups=()) -> np.ndarray:
-    """A group id per row: rows with the same non-empty normalised description share one, and so do
-    the members of each of `extra_groups` (lists of row indices, e.g. near-duplicate images)."""
-    parent = list(range(len(descriptions)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    """A group id per row (its group's first row): rows with the same non-empty normalised description share
+    one, and so do the members of each of `extra_groups` (lists of row indices, e.g. near-duplicate images)."""
     first: dict[str, int] = {}
-    links = [[first.setdefault(key, i), i] for i, d in enumerate(descriptions) if (key := normalise_description(d))]
-    for members in [*links, *extra_groups]:
+    links = [(first.setdefault(key, i), i) for i, d in enumerate(descriptions) if (key := normalise_description(d))]
+    for members in extra_groups:
         members = [int(m) for m in (members["members"] if isinstance(members, dict) else members)]
-        for j in members[1:]:
-            a, b = find(members[0]), find(j)
-            parent[max(a, b)] = min(a, b)
-    return np.array([find(i) for i in range(len(descriptions))])
+        links += [(members[0], j) for j in members[1:]]
+    n = len(descriptions)
+    edges = np.array(links, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    component = connected_components(graph, directed=False)[1]
+    return np.unique(component, return_index=True)[1][component]
 
 
 def crossfit_folds(labels: list[str], descriptions: list[str], n_folds: int = 5, seed: int = 0,
