@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -718,10 +717,6 @@ def split_cmd(
     image on both sides, so that evaluate and tune --valid score rows the models never saw."""
     from museum.split import split_csv
 
-    if not 0.0 < val_fraction < 1.0:
-        raise MuseumError(f"--val-fraction {val_fraction}: must be between 0 and 1")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise MuseumError(f"--threshold {threshold}: must be in (0, 1]")
     _check_device(device)
     if out is None:
         out = Path("splits") / f"{labelled.parent.name}-{labelled.stem}" if labelled.parent.name else Path("splits") / labelled.stem

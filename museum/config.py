@@ -10,6 +10,7 @@ or library code gets the same one-line `MuseumError`, naming the option as `--na
 from __future__ import annotations
 
 import numbers
+import os
 import types
 from dataclasses import asdict, dataclass, fields
 from functools import cache
@@ -53,23 +54,31 @@ def field_types(cls: type) -> dict[str, tuple[type, bool]]:
 
 
 def _check_types(config: Any) -> None:
-    """Every field holds its declared type; whole numbers are accepted for floats (and stored as floats)."""
+    """Every field holds its declared type (whole numbers stored as floats in float fields, paths as text)."""
     for name, (base, optional) in field_types(type(config)).items():
         value = getattr(config, name)
         if value is None and optional:
             continue
-        if isinstance(value, bool) and base is not bool:
-            pass  # True is an int to Python, never a count or a share here
-        elif base is float and isinstance(value, numbers.Real):
-            setattr(config, name, float(value))
-            continue
-        elif base is int and isinstance(value, numbers.Integral):
-            setattr(config, name, int(value))
-            continue
-        elif isinstance(value, base):
-            continue
-        what = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(base, base.__name__)
-        raise MuseumError(f"{option_name(name)} {value!r}: expected {what}{' or none' if optional else ''}")
+        try:
+            setattr(config, name, _as_type(value, base))
+        except TypeError:
+            what = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(base, base.__name__)
+            raise MuseumError(f"{option_name(name)} {value!r}: expected {what}{' or none' if optional else ''}") from None
+
+
+def _as_type(value: Any, base: type) -> Any:
+    """`value` as a field of type `base` keeps it; TypeError if it is no such value (True is never a number here)."""
+    if isinstance(value, bool) != (base is bool):
+        raise TypeError(base.__name__)
+    if base is float and isinstance(value, numbers.Real):
+        return float(value)
+    if base is int and isinstance(value, numbers.Integral):
+        return int(value)
+    if base is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, base):
+        raise TypeError(base.__name__)
+    return value
 
 
 class _Check:

@@ -108,6 +108,8 @@ def split_csv(csv_path: str | Path, out: str | Path, images: str | Path | None =
     check_not_input(out, [csv_path, images], folder=True)
     if not 0.0 < val_fraction < 1.0:
         raise MuseumError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise MuseumError(f"--threshold {threshold}: must be in (0, 1]; cosine similarity of embeddings")
     table = read_competition_csv(csv_path, require_labels=True)
     labels = list(table.labels or [])
     check_classes(labels, f"{csv_path}: the labels", "a stratified split")

@@ -81,3 +81,11 @@ def free_port() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return str(probe.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _run_in_an_empty_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: the default outputs of commands (models/, submissions/,
+    reports/) never land in the checkout, and what an earlier run left there (which a second run with the default
+    refuses to replace) never changes a test's outcome."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
