@@ -1,21 +1,26 @@
-"""Benchmark image scoring paths on the CPU: images/s and macro-F1 change against torch eager.
+"""Benchmark image scoring paths: images/s and macro-F1 change against torch eager.
 
-For the default backbone (MobileNetV2) trained with `museum train-image` defaults on each character
-set's seeded 80/20 split (trained once into --models, reused after), every path scores the same
-decoded uint8 validation images through the model's whole scoring (members, mirror view, softmax):
-  eager        the networks in eval mode, as trained
-  folded       conv/batch-norm folded copies (`torchutil.inference_copy`): what ImageModel runs today
-  torchscript  the folded scoring graph traced and frozen (`museum export --format torchscript`)
-  onnxruntime  the folded scoring graph in ONNX Runtime (`museum export --format onnx`)
+For the default backbone (MobileNetV2) trained with `museum train-image` on each character set's seeded
+80/20 split (trained once into --models with train-image defaults, or --epochs for a short run; reused
+after), every path scores the same decoded uint8 validation images through the model's whole scoring
+(members, mirror view, softmax):
+  eager             the networks in eval mode, as trained
+  folded            conv/batch-norm folded copies (`torchutil.inference_copy`): what ImageModel runs today
+  channels-last     folded, in channels-last memory format
+  channels-last+bfloat16 / +float16   the same under autocast (bfloat16 on a CPU, float16 on CUDA)
+  torchscript       the folded scoring graph traced and frozen (`museum export --format torchscript`)
+  onnxruntime       the folded scoring graph in ONNX Runtime (`museum export --format onnx`)
   ort-int8-dynamic  ONNX Runtime, Conv/Gemm weights int8, activations quantised per batch
   ort-int8-static   ONNX Runtime, int8 QDQ per channel, activations calibrated on --calibration training images
-Speed: images/s of each path on --timing-images validation images, paths interleaved within a
-round, best of --rounds rounds; the speed-up against eager is taken within each round (the CPU is
-shared: rounds differ, ratios within one much less). Accuracy: macro-F1 on the whole validation
-split and its change against eager. The recommended default is the fastest path whose macro-F1 is
-within 0.005 of eager's on every set.
+(the last four on the CPU only). Speed: images/s of each path on --timing-images validation images,
+paths interleaved within a round, best of --rounds rounds and of the --batches sizes (on CUDA several:
+the batch size is chosen by measurement); the speed-up against eager is taken within each round (the
+CPU is shared: rounds differ, ratios within one much less). Accuracy: macro-F1 on the whole validation
+split and its change against eager. The recommended default is the fastest path (mean speed-up over the
+sets) whose macro-F1 is within 0.005 of eager's on every set.
 
     python scripts/bench_image_speed.py [--datasets simpsons_small,quintuplets] [--threads 1,2] [--rounds 5]
+    python scripts/bench_image_speed.py --device cuda        # torch paths, batch sizes 32..256
 
 Prints a table and writes bench_results/bench_image_speed.json (and .md).
 """
@@ -40,14 +45,14 @@ sys.path.insert(0, str(ROOT))
 
 from museum.config import ImageConfig  # noqa: E402
 from museum.data.images import decode_cache, list_image_folder  # noqa: E402
-from museum.image.export import (ExportedImageModel, ScoringGraph, quantize_onnx, write_onnx,  # noqa: E402
-                                 write_torchscript)
+from museum.image.export import ExportedImageModel, quantize_onnx, write_torchscript  # noqa: E402
+from museum.image.scoring import ScoringGraph, write_onnx  # noqa: E402
 from museum.image.model import ImageModel  # noqa: E402
 from museum.log import setup_logging  # noqa: E402
 from museum.metrics import macro_f1  # noqa: E402
 from museum.torchutil import inference_copy  # noqa: E402
 from museum.train_image import train_image_model  # noqa: E402
-from museum.utils import read_json  # noqa: E402
+from museum.utils import read_json, resolve_device  # noqa: E402
 
 SHARED = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATASETS = ["quintuplets", "simpsons_small", "quintuplets_faces", "simpsons_mnist"]
@@ -78,24 +83,40 @@ def decode(model: ImageModel, paths: list[Path]) -> torch.Tensor:
     return cache
 
 
-def build_paths(model: ImageModel, calibration: torch.Tensor, work: Path, threads: int) -> dict:
-    """name → function(uint8 batch) → probabilities, for every path."""
-    if model.head is not None or model.decision is not None:
-        raise SystemExit("the benchmark scores fine-tuned many-class models (no head, no decision)")
+def torch_paths(model: ImageModel, device: str) -> dict:
+    """name → function(uint8 batch) → probabilities, for the torch paths on `device`."""
     nets = [model.net, *model.members]
-    eager = ScoringGraph([copy.deepcopy(n).eval() for n in nets], model.mean, model.std, model.config.tta).eval()
-    folded = ScoringGraph([inference_copy(n) for n in nets], model.mean, model.std, model.config.tta).eval()
+    eager = ScoringGraph([copy.deepcopy(n).eval() for n in nets], model.mean, model.std, model.config.tta)
+    folded = ScoringGraph([inference_copy(n) for n in nets], model.mean, model.std, model.config.tta)
+    eager, folded = eager.to(device).eval(), folded.to(device).eval()
+    last = copy.deepcopy(folded).to(memory_format=torch.channels_last)
+    # Autocast: float16 on CUDA; bfloat16 on a CPU (fast where it has AVX-512 BF16 or AMX, slow elsewhere).
+    low = torch.float16 if device.startswith("cuda") else torch.bfloat16
+
+    def run(graph: ScoringGraph, channels_last: bool = False, autocast: bool = False):
+        def score_batch(x: torch.Tensor) -> np.ndarray:
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=torch.device(device).type, dtype=low, enabled=autocast):
+                return graph(x).float().cpu().numpy()  # .cpu() waits for the device: timings are complete
+        return score_batch
+
+    return {"eager": run(eager), "folded": run(folded), "channels-last": run(last, True),
+            f"channels-last+{str(low).removeprefix('torch.')}": run(last, True, True)}
+
+
+def onnx_paths(model: ImageModel, calibration: torch.Tensor, work: Path, threads: int) -> dict:
+    """name → function(uint8 batch) → probabilities, for TorchScript and the ONNX Runtime paths (CPU)."""
+    folded = ScoringGraph([inference_copy(n) for n in [model.net, *model.members]], model.mean, model.std,
+                          model.config.tta).eval()
     write_torchscript(folded, work / "model.ts", model.input_size)
     write_onnx(folded, work / "model.onnx", model.input_size)
     quantize_onnx(work / "model.onnx", work / "dynamic.onnx")
     quantize_onnx(work / "model.onnx", work / "static.onnx", calibration)
     meta = {"classes": model.classes_, "input_size": model.input_size, "interpolation": model.interpolation,
             "decision": None, "runtime": "torchscript"}
-    paths = {
-        "eager": lambda x: eager(x).numpy(),
-        "folded": lambda x: folded(x).numpy(),
-        "torchscript": ExportedImageModel(meta, work / "model.ts").proba_uint8,
-    }
+    paths = {"torchscript": ExportedImageModel(meta, work / "model.ts").proba_uint8}
     meta["runtime"] = "onnx"
     for name, file in [("onnxruntime", "model.onnx"), ("ort-int8-dynamic", "dynamic.onnx"), ("ort-int8-static", "static.onnx")]:
         paths[name] = ExportedImageModel(meta, work / file, threads=threads).proba_uint8
@@ -108,43 +129,57 @@ def score(fn, images: torch.Tensor, batch: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def timings(paths: dict, images: torch.Tensor, batch: int, rounds: int) -> dict:
-    """name → {best images/s, best speed-up against eager within a round}."""
+def timings(paths: dict, images: torch.Tensor, batches: list[int], rounds: int) -> dict:
+    """name → {best images/s and the batch size that gave it, best speed-up against eager within a round}."""
     for fn in paths.values():
-        fn(images[:batch])  # warm-up: allocation, onnxruntime's first-run set-up
-    rates = {name: [] for name in paths}
+        for batch in batches:
+            fn(images[:batch])  # warm-up: allocation, onnxruntime's first-run set-up, cuDNN's algorithm search
+    rates = {name: [] for name in paths}  # per round: (images/s, batch) at the best batch size of that round
     for r in range(rounds):
         names = list(paths)
         names = names[r % len(names):] + names[:r % len(names)]  # rotate: no path always runs first
         for name in names:
-            start = time.perf_counter()
-            score(paths[name], images, batch)
-            rates[name].append(len(images) / (time.perf_counter() - start))
-    return {name: {"images_per_s": round(max(r), 2), "all": [round(v, 2) for v in r],
-                   "speedup": round(max(a / b for a, b in zip(r, rates["eager"])), 3)} for name, r in rates.items()}
+            tried = []
+            for batch in batches:
+                start = time.perf_counter()
+                score(paths[name], images, batch)
+                tried.append((len(images) / (time.perf_counter() - start), batch))
+            rates[name].append(max(tried))
+    out = {}
+    for name, got in rates.items():
+        best = max(got)
+        out[name] = {"images_per_s": round(best[0], 2), "batch": best[1], "all": [round(v, 2) for v, _ in got],
+                     "speedup": round(max(a[0] / b[0] for a, b in zip(got, rates["eager"])), 3)}
+    return out
 
 
 def bench_set(name: str, args) -> dict:
     model_dir = trained_model(name, args.models, args.seed, args.epochs)
-    model = ImageModel.load(model_dir, device="cpu")
+    model = ImageModel.load(model_dir, device="cpu")  # the reference scoring; each path moves its own copy
     val, labels, train = split(model_dir, name)
     images = decode(model, val)
     rng = np.random.default_rng(args.seed)
     calibration = decode(model, sorted(rng.choice(train, min(args.calibration, len(train)), replace=False).tolist()))
     timing = images[np.arange(args.timing_images) % len(images)]
+    size = max(args.timing_images, 2 * max(args.batches))
+    timing = images[np.arange(size) % len(images)]
     result = {"dataset": name, "model": str(model_dir), "input_size": model.input_size, "tta": model.config.tta,
               "members": 1 + len(model.members), "validation_images": len(val), "calibration_images": len(calibration),
-              "threads": {}}
+              "device": args.device, "threads": {}}
+    if model.head is not None or model.decision is not None:
+        raise SystemExit("the benchmark scores fine-tuned many-class models (no head, no decision)")
     stats = model._norm_stats()
-    reference = score(lambda x: model._proba_uint8(x, *stats), images, args.batch)  # ImageModel's own scoring
+    reference = score(lambda x: model._proba_uint8(x, *stats), images, args.batches[0])  # ImageModel's own scoring
     with tempfile.TemporaryDirectory() as work:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            paths = build_paths(model, calibration, Path(work), threads)
-            runs = timings(paths, timing, args.batch, args.rounds)
+            paths = torch_paths(model, args.device)
+            if args.device == "cpu":
+                paths |= onnx_paths(model, calibration, Path(work), threads)
+            runs = timings(paths, timing, args.batches, args.rounds)
             eager_f1 = None
             for path, fn in paths.items():
-                proba = score(fn, images, args.batch)
+                proba = score(fn, images, args.batches[0])
                 f1 = macro_f1(labels, [model.classes_[i] for i in proba.argmax(1)], model.classes_)
                 eager_f1 = f1 if eager_f1 is None else eager_f1
                 runs[path] |= {"macro_f1": round(f1, 4), "f1_change": round(f1 - eager_f1, 4),
@@ -157,10 +192,10 @@ def bench_set(name: str, args) -> dict:
 
 def print_set(name: str, threads: int, runs: dict) -> None:
     print(f"\n{name}, {threads} thread(s)")
-    print(f"{'path':18s} {'img/s':>8s} {'x eager':>8s} {'macro-F1':>9s} {'change':>8s} {'max|dp|':>9s}")
+    print(f"{'path':24s} {'img/s':>8s} {'batch':>6s} {'x eager':>8s} {'macro-F1':>9s} {'change':>8s} {'max|dp|':>9s}")
     for path, r in runs.items():
-        print(f"{path:18s} {r['images_per_s']:8.1f} {r['speedup']:8.2f} {r['macro_f1']:9.4f} {r['f1_change']:+8.4f} "
-              f"{r['max_abs_diff_vs_model']:9.1e}")
+        print(f"{path:24s} {r['images_per_s']:8.1f} {r['batch']:6d} {r['speedup']:8.2f} {r['macro_f1']:9.4f} "
+              f"{r['f1_change']:+8.4f} {r['max_abs_diff_vs_model']:9.1e}")
 
 
 def choose(result: dict) -> dict:
@@ -178,11 +213,11 @@ def choose(result: dict) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# image scoring paths on the CPU ({result['cpus']} CPUs, load average {result['load_average']} → "
              f"{result['load_average_end']})", "",
-             "| set | threads | path | images/s | × eager | macro-F1 | change |", "|---|---|---|---|---|---|---|"]
+             "| set | threads | path | images/s | batch | × eager | macro-F1 | change |", "|---|---|---|---|---|---|---|---|"]
     for s in result["sets"]:
         for threads, runs in s["threads"].items():
             for path, r in runs.items():
-                lines.append(f"| {s['dataset']} | {threads} | {path} | {r['images_per_s']:.1f} | {r['speedup']:.2f} | "
+                lines.append(f"| {s['dataset']} | {threads} | {path} | {r['images_per_s']:.1f} | {r['batch']} | {r['speedup']:.2f} | "
                              f"{r['macro_f1']:.4f} | {r['f1_change']:+.4f} |")
     lines += ["", *(f"- {t} thread(s): default path **{c['path']}** ({c['mean_speedup']:.2f}× eager on average); within "
                     f"{F1_TOLERANCE} macro-F1 of eager everywhere: {', '.join(c['within_tolerance'])}"
@@ -198,17 +233,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="Split and training seed of the runs trained here.")
     parser.add_argument("--epochs", type=int, default=0, help="Epochs of the runs trained here; 0 = train-image's default.")
     parser.add_argument("--threads", default="1", help="Comma-separated torch / onnxruntime thread counts.")
-    parser.add_argument("--batch", type=int, default=32, help="Images per scoring call.")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (torch paths only, the batch size chosen by measurement).")
+    parser.add_argument("--batches", default=None,
+                        help="Comma-separated batch sizes to try per path (default 32 on the CPU, 32,64,128,256 on CUDA).")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timing-images", type=int, default=128)
     parser.add_argument("--calibration", type=int, default=128, help="Training images that calibrate static int8.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_image_speed.json")
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.device = resolve_device(args.device)
+    args.batches = [int(b) for b in (args.batches or ("32" if args.device == "cpu" else "32,64,128,256")).split(",")]
     setup_logging()
     torch.manual_seed(args.seed)
     result = {"cpus": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
-              "batch": args.batch, "rounds": args.rounds, "timing_images": args.timing_images, "sets": []}
+              "device": args.device, "batches": args.batches, "rounds": args.rounds, "timing_images": args.timing_images, "sets": []}
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__

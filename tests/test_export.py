@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from museum.cli import app
 from museum.config import ImageConfig
 from museum.errors import MuseumError
-from museum.image.export import (PARITY_TOLERANCE, ExportedImageModel, ScoringGraph, _decoded_batches, export_model,
-                                 parity_paths)
+from museum.image.export import PARITY_TOLERANCE, ExportedImageModel, _decoded_batches, export_model, parity_paths
 from museum.image.model import ImageModel
+from museum.image.scoring import ScoringGraph
 from museum.train_image import train_image_model
 
 runner = CliRunner()

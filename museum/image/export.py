@@ -1,9 +1,9 @@
 """Export an image model for other runtimes (ONNX Runtime, TorchScript), checked against the model itself.
 
-The exported graph takes what `ImageModel` scores, a uint8 batch (B, 3, S, S) at the model's input
-size, and holds the whole torch part of its scoring: normalisation, every member network (batch-norm
-folded, `torchutil.inference_copy`), the mirror view (`tta`) and the members' mean probability, or for
-a head model the (mirror-averaged) feature vector. What is not a network stays in Python, as in
+The exported graph (`museum.image.scoring.ScoringGraph`) takes what `ImageModel` scores, a uint8 batch
+(B, 3, S, S) at the model's input size, and holds the whole torch part of its scoring: normalisation,
+every member network (batch-norm folded, `torchutil.inference_copy`), the mirror view (`tta`) and the
+members' mean probability, or for a head model the (mirror-averaged) feature vector. What is not a network stays in Python, as in
 `ImageModel`: the scikit-learn head (its `head.json`/`head.npz` are copied beside the graph) and the
 binary decision shift. `ExportedImageModel` loads such a folder and scores like `ImageModel`.
 
@@ -18,12 +18,10 @@ unless the exported graph agrees with the model on real images (largest probabil
 from __future__ import annotations
 
 import hashlib
-import inspect
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ from museum.errors import MuseumError
 from museum.extras import require
 from museum.folders import check_not_input, is_model_folder
 from museum.image.model import ImageModel
+from museum.image.scoring import OPSET, ScoringGraph, onnx_session, write_onnx
 from museum.log import logger
 from museum.torchutil import inference_copy
 from museum.utils import atomic_path, read_json, write_json
@@ -45,33 +44,6 @@ INDEX = "export.json"
 HEAD_FILES = ("head.json", "head.npz")
 PARITY_TOLERANCE = 1e-4  # largest probability difference allowed between the export and the model
 PARITY_IMAGES = 100
-# 17: every op of these graphs (Flip as a negative-step Slice, ScatterElements with add reduction for the
-# colour histogram of stage features) and supported by every onnxruntime in the extra's range.
-OPSET = 17
-
-
-class ScoringGraph(nn.Module):
-    """`ImageModel._proba_uint8`'s torch part as one module: uint8 (B, 3, S, S) → probabilities (members'
-    mean of their softmax) or, with `features`, the feature vectors a head takes."""
-
-    def __init__(self, nets: Sequence[nn.Module], mean, std, tta: bool, features: bool = False):
-        super().__init__()
-        self.nets = nn.ModuleList(nets)
-        self.tta, self.features = bool(tta), bool(features)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = (batch.float() / 255.0 - self.mean) / self.std  # as `augment.normalize`
-        outputs = []
-        for net in self.nets:
-            y = net(x).float()
-            if self.tta:  # the mirror view, as validation scored it
-                y = (y + net(x.flip(3)).float()) / 2
-            outputs.append(y)
-        if self.features:  # heads have no members
-            return outputs[0]
-        return torch.stack([y.softmax(1) for y in outputs]).mean(0)
 
 
 def scoring_graph(model: ImageModel) -> ScoringGraph:
@@ -81,21 +53,6 @@ def scoring_graph(model: ImageModel) -> ScoringGraph:
 
 
 # ----------------------------------------------------------------------------- writing the graph
-
-
-def write_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> None:
-    """`graph` as ONNX at `path`, batch size free (input `images` uint8, output `scores`)."""
-    require("onnx", "export")
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    # The TorchScript-based exporter, in every torch of our range (2.4+; `dynamo` is asked for from 2.5 on,
-    # where it exists): it exports these graphs in a few seconds where the torch.export-based one took
-    # 16 s for one MobileNetV2, and gives the same numbers. torch 2.9+ warns that the other is its default.
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), str(path), input_names=["images"], output_names=["scores"],
-                          dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}}, opset_version=opset,
-                          do_constant_folding=True, **legacy)
 
 
 def write_torchscript(graph: nn.Module, path: Path, size: int) -> None:
@@ -147,19 +104,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def onnx_session(path: str | Path, threads: int = 0, device: str = "cpu"):
-    """An onnxruntime session for `path` with `threads` intra-op threads (0: torch's count)."""
-    ort = require("onnxruntime", "export")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 class ExportedImageModel:
