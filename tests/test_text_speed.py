@@ -177,6 +177,17 @@ def test_threads_share_one_model(text_model_dir, descriptions, monkeypatch):
         assert np.abs(proba - expected[rows]).max() < TOLERANCE
 
 
+def test_model_with_warm_caches_pickles(text_model_dir, descriptions):
+    """joblib and deepcopy pickle estimators: the caches (and their locks) must not get in the way."""
+    import copy
+    import pickle
+
+    model = TextModel.load(text_model_dir)
+    expected = model.predict_proba(descriptions[:500])
+    for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert np.abs(twin.predict_proba(descriptions[:500]) - expected).max() < TOLERANCE
+
+
 def test_fast_bilstm_follows_changed_weights(text_model_dir, descriptions):
     """The precomputed tables are rebuilt when the network's weights change (a refit, `load_state_dict`)."""
     model = TextModel.load(text_model_dir)

@@ -250,11 +250,11 @@ class TextModel(ClassifierMixin, BaseEstimator):
 
     def _token_cache(self) -> "_TokenCache":
         """The prediction path's token cache, made anew for another tokenizer, vocabulary or vector expert."""
-        key = (id(self._tokenizer), id(self._index), id(self.vectors_))
         cached = getattr(self, "_token_cache_", None)
-        if cached is None or cached[0] != key:
-            cached = self._token_cache_ = (key, _TokenCache(self._tokenizer, self._index, self.vectors_))
-        return cached[1]
+        if cached is None or cached.tokenizer is not self._tokenizer or cached.index is not self._index \
+                or cached.vectors is not self.vectors_:
+            cached = self._token_cache_ = _TokenCache(self._tokenizer, self._index, self.vectors_)
+        return cached
 
     def expert_probas_reference(self, X: Iterable) -> dict[str, np.ndarray]:
         """`expert_probas` the plain way: row by row, torch's packed nn.LSTM, scikit-learn's vectorizers."""
@@ -271,11 +271,15 @@ class TextModel(ClassifierMixin, BaseEstimator):
 
     def _fast_lstm(self) -> FastBiLSTM:
         """The BiLSTM's inference copy, rebuilt whenever its weights have changed (a refit, `load_state_dict`)."""
-        key = (id(self.lstm_), tuple((id(p), p._version) for p in self.lstm_.parameters()))
+        # The tensors themselves are kept (not their ids, which a new tensor could reuse), with their
+        # version counters, which every in-place change bumps.
+        params = list(self.lstm_.parameters())
+        versions = [p._version for p in params]
         cached = getattr(self, "_fast_lstm_cache", None)
-        if cached is None or cached[0] != key:
-            cached = self._fast_lstm_cache = (key, FastBiLSTM(self.lstm_))
-        return cached[1]
+        if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)) \
+                or cached[1] != versions:
+            cached = self._fast_lstm_cache = (params, versions, FastBiLSTM(self.lstm_))
+        return cached[2]
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "lstm_"):
@@ -410,6 +414,8 @@ class _TokenCache:
         self.tokenizer, self.index, self.vectors = tokenizer, index, vectors
         self._lock = threading.Lock()
         self.clear()
+
+    __getstate__, __setstate__ = ChunkTable.__getstate__, ChunkTable.__setstate__
 
     def clear(self) -> None:
         self.number: dict[str, int] = {}

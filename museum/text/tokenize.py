@@ -40,8 +40,8 @@ def tokenize(text: str) -> list[str]:
     ['монета', '<num>', 'копейки', '<year>', 'г.', '№', '<num>']
     """
     # No token spans whitespace and lower-casing is per character, so a text's tokens are those of
-    # its whitespace-separated chunks, each tokenized once and then looked up: Python's regex
-    # engine took ~2 µs per description on Cyrillic text, most of the tokenizer's time.
+    # its whitespace-separated chunks, each tokenized once and then looked up: 2.6 instead of 8.2 µs
+    # of CPU per train.csv description (Python's regex engine is slow on Cyrillic text).
     return list(chain.from_iterable(map(_CHUNKS.__getitem__, text.split())))
 
 
@@ -117,6 +117,12 @@ class ChunkTable:
         self.limit = limit
         self._lock = threading.Lock()
         self.clear()
+
+    def __getstate__(self) -> dict:  # a pickled model (joblib, a deepcopy) gets a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def _each(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
         sequences = [self.compute(c) for c in chunks]
