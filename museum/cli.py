@@ -174,8 +174,7 @@ def train_text(
     unlabeled: Optional[list[Path]] = typer.Option(
         None, "--unlabeled", metavar="CSV", help="Extra CSV whose descriptions also train Word2Vec (e.g. test.csv); repeat for more."
     ),
-    out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help=f"Model folder to write (default {DEFAULT_TEXT_MODEL}, "
-                             "which an earlier run's is not replaced without --force)."),
+    out: Path = typer.Option(DEFAULT_TEXT_MODEL, "--out", help="Model folder to write (an earlier run's in the default one is replaced only with --force)."),
     config_file: Optional[Path] = CONFIG_OPTION,
     force: bool = FORCE_OPTION,
     epochs: int = typer.Option(TEXT.epochs, help="Maximum BiLSTM epochs (early stopping on validation macro-F1)."),
@@ -218,7 +217,7 @@ def _read_lines(stream, source: str) -> list[str]:
 @friendly_errors
 def predict_text(
     texts: Optional[list[str]] = typer.Argument(
-        None, metavar="[TEXT]...", help="Descriptions; `-` reads them from standard input, one a line."),
+        None, metavar="TEXT", help="Descriptions; `-` reads them from standard input, one a line."),
     file: Optional[Path] = typer.Option(None, "--file", help="Also read descriptions from this UTF-8 file, one a line (blank lines skipped)."),
     model: Path = typer.Option(DEFAULT_TEXT_MODEL, "--model", help="Folder written by train-text."),
     top: int = typer.Option(3, help="How many classes to show."),
@@ -283,8 +282,7 @@ def submit_cmd(
     images: Optional[Path] = IMAGES_OPTION,
     text_model: str = TEXT_MODEL_OPTION,
     image_model: str = IMAGE_MODEL_OPTION,
-    out: Path = typer.Option(DEFAULT_SUBMISSION, "--out", help=f"Submission to write, guid,typology (default {DEFAULT_SUBMISSION}, "
-                             "which an earlier run's is not replaced without --force)."),
+    out: Path = typer.Option(DEFAULT_SUBMISSION, "--out", help="Submission to write, guid,typology (an earlier run's at the default is replaced only with --force)."),
     force: bool = FORCE_OPTION,
     text_threshold: Optional[float] = TEXT_THRESHOLD_OPTION,
     image_threshold: Optional[float] = IMAGE_THRESHOLD_OPTION,
@@ -418,8 +416,7 @@ def train_image(
     images: Path = typer.Option(..., "--images", help="DIR/<class>/*.jpg, or with --train the folder of {guid}.jpg."),
     train: Optional[Path] = typer.Option(None, "--train", help="Competition CSV (guid,description,typology) for DIR/{guid}.jpg."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation DIR/<class>/*.jpg; default: a stratified split."),
-    out: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--out", help=f"Model folder to write (default {DEFAULT_IMAGE_MODEL}, "
-                             "which an earlier run's is not replaced without --force)."),
+    out: Path = typer.Option(DEFAULT_IMAGE_MODEL, "--out", help="Model folder to write (an earlier run's in the default one is replaced only with --force)."),
     config_file: Optional[Path] = CONFIG_OPTION,
     force: bool = FORCE_OPTION,
     backbone: str = typer.Option(IMAGE.backbone, help="torchvision model name (resnet18, efficientnet_b0, ...)."),
