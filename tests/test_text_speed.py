@@ -20,7 +20,8 @@ from museum.text.charwb import CharWbTransformer
 from museum.text.lstm import BiLSTMClassifier, FastBiLSTM, encode, predict_logits, truncate_ids
 from museum.text.model import TextModel, _TokenCache
 from museum.text.tfidf import _VECTORIZERS, WordNgramTransformer
-from museum.text.tokenize import ChunkTable, normalise, ranges, split_chunks, tokenize, tokenize_uncached
+from museum.text.tokenize import (ChunkTable, normalise, prepare_chunks, ranges, split_chunks, tokenize, tokenize_chunks,
+                                  tokenize_uncached)
 from museum.text.vector_expert import WordVectorExpert
 
 ODD = ["", "   ", "a", "Ab", "Ёлка  ПАЛКА\tx\xa0y", "№ 5 г.", "№№5", "x" * 10, "a\u2003b\x1cc", "1789 г. 12,5 см 1.2.3",
@@ -48,6 +49,9 @@ def descriptions(museum_train_csv, museum_test_csv) -> list[str]:
 def test_chunk_cached_tokenizer_matches_the_regex(descriptions):
     for _ in range(2):  # cold, then from the cache
         assert [tokenize(t) for t in descriptions] == [tokenize_uncached(t) for t in descriptions]
+    chunks = split_chunks(descriptions).distinct + ["ΑΣ", "ΣΑ", "Σ", "İx", "ЁЖ."]
+    assert tokenize_chunks(chunks) == [tokenize_uncached(c) for c in chunks]  # normalised all at once
+    assert prepare_chunks(chunks, normalise) == [normalise(c) for c in chunks]
 
 
 def test_ranges_and_chunk_table():

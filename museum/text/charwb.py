@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-from museum.text.tokenize import Chunks, ChunkTable, paused_gc, split_chunks
+from museum.text.tokenize import Chunks, ChunkTable, paused_gc, prepare_chunks, split_chunks
 
 MAX_CACHED_WORDS = 500_000  # ~100 MB at most; catalogue text repeats a few tens of thousands of words
 
@@ -60,7 +60,7 @@ class CharWbTransformer:
     def _indices_many(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """`_indices` of many words at once, with numpy: every window of every padded word encoded as
         an integer and looked up among the vocabulary's (a Python loop per n-gram took ~10 µs a word)."""
-        padded = [f" {self._word(c)} " for c in chunks]
+        padded = [f" {word} " for word in prepare_chunks(chunks, self._word)]
         sizes = np.fromiter(map(len, padded), np.int64, len(padded))
         digits = self._codes.digits("".join(padded))
         ends = np.cumsum(sizes)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from itertools import islice
+from itertools import chain, islice
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -419,13 +419,17 @@ class _TokenCache:
 
     def clear(self) -> None:
         self.number: dict[str, int] = {}
-        self.chunks = ChunkTable(self._numbers, limit=self.limit)
+        self.chunks = ChunkTable(compute_many=self._numbers, limit=self.limit)
         self.lstm_ids = np.zeros(0, dtype=np.int64)
         self.vector_rows = np.zeros(0, dtype=np.int64)
 
-    def _numbers(self, chunk: str) -> list[int]:
+    def _numbers(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(how many tokens each new chunk has, their numbers end to end), numbering tokens not met before."""
+        token_lists = self.tokenizer.chunks(chunks)
+        lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
         number = self.number
-        return [number.setdefault(t, len(number)) for t in self.tokenizer(chunk)]
+        numbers = [number.setdefault(t, len(number)) for t in chain.from_iterable(token_lists)]
+        return lengths, np.array(numbers, dtype=np.int32)
 
     def __call__(self, chunks: Chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(BiLSTM ids and word-vector rows of the tokens of texts given as their `split_chunks`, end to

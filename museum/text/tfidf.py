@@ -9,6 +9,7 @@ Everything it needs to predict is stored as arrays and a vocabulary (`to_state` 
 from __future__ import annotations
 
 import warnings
+from itertools import chain, repeat
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from sklearn.svm import LinearSVC
 
 from museum.calibration import fit_temperature, softmax
 from museum.text.charwb import CharWbTransformer, tfidf_weigh
-from museum.text.tokenize import Chunks, ChunkTable, normalise, paused_gc, split_chunks
+from museum.text.tokenize import Chunks, ChunkTable, normalise, paused_gc, prepare_chunks, split_chunks
 
 _VECTORIZERS = {
     "word": dict(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b|№"),
@@ -42,7 +43,8 @@ class WordNgramTransformer:
 
     def __init__(self, vectorizer: TfidfVectorizer, prepare: Callable[[str], str] | None = None) -> None:
         if vectorizer.analyzer != "word" or vectorizer.ngram_range != (1, 2) or vectorizer.stop_words is not None \
-                or vectorizer.binary or vectorizer.input != "content" or vectorizer.tokenizer is not None:
+                or vectorizer.binary or vectorizer.input != "content" or vectorizer.tokenizer is not None \
+                or vectorizer.preprocessor is not None or vectorizer.strip_accents is not None:
             raise ValueError("WordNgramTransformer reproduces plain word (1, 2)-gram vectorizers only")
         self.vectorizer = vectorizer
         self.prepare = prepare
@@ -62,12 +64,16 @@ class WordNgramTransformer:
         order = np.argsort(keys)
         self._bigram_keys = keys[order]
         self._bigram_column = np.array([j for _, j in pairs], dtype=np.int64)[order]
-        self._chunks = ChunkTable(self._token_ids, limit=self.cache_limit)
+        self._chunks = ChunkTable(compute_many=self._token_ids, limit=self.cache_limit)
 
-    def _token_ids(self, chunk: str) -> list[int]:
+    def _token_ids(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(how many tokens each new chunk has, their token ids end to end, -1 for a token not in the vocabulary)."""
         preprocess, tokenize = self._analyse
-        get = self._token_id.get
-        return [get(t, -1) for t in tokenize(preprocess(self.prepare(chunk) if self.prepare else chunk))]
+        prepare = self.prepare
+        token_lists = list(map(tokenize, prepare_chunks(chunks, lambda s: preprocess(prepare(s) if prepare else s))))
+        lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+        ids = np.fromiter(map(self._token_id.get, chain.from_iterable(token_lists), repeat(-1)), np.int32, int(lengths.sum()))
+        return lengths, ids
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
         return self.transform_chunks(split_chunks(texts))

@@ -76,6 +76,19 @@ def tokenize_uncached(text: str) -> list[str]:
     return [_token_of(match.group()) for match in _TOKEN.finditer(normalise(text))]
 
 
+def prepare_chunks(chunks: list[str], prepare: Callable[[str], str]) -> list[str]:
+    """`[prepare(c) for c in chunks]` in one call: the chunks joined by newlines, prepared, split again.
+    For chunks without whitespace and a `prepare` that works character by character (lower-casing,
+    «ё» folding: even the final-sigma rule looks no further than whitespace)."""
+    return prepare("\n".join(chunks)).split("\n") if chunks else []
+
+
+def tokenize_chunks(chunks: list[str]) -> list[list[str]]:
+    """`[tokenize_uncached(c) for c in chunks]` for chunks without whitespace, normalised in one call."""
+    findall = _TOKEN.findall
+    return [[_token_of(raw) for raw in findall(chunk)] for chunk in prepare_chunks(chunks, normalise)]
+
+
 @dataclass
 class Chunks:
     """Texts as their whitespace-separated chunks: `distinct` chunks (first-seen order), `where` each
@@ -241,6 +254,11 @@ class Tokenizer:
     def __call__(self, text: str) -> list[str]:
         tokens = tokenize(text)
         return self._lemmatizer(tokens) if self._lemmatizer else tokens
+
+    def chunks(self, chunks: list[str]) -> list[list[str]]:
+        """`[self(c) for c in chunks]` for chunks without whitespace (`split_chunks`), tokenized together."""
+        token_lists = tokenize_chunks(chunks)
+        return [self._lemmatizer(t) for t in token_lists] if self._lemmatizer else token_lists
 
     def many(self, texts: list[str]) -> list[list[str]]:
         """`[self(t) for t in texts]`, without a method call per text."""
