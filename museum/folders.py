@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Iterator
 from museum import __version__
 from museum.errors import MuseumError
 from museum.log import logger
-from museum.utils import cannot_write, pid_alive
+from museum.utils import cannot_write, pid_alive, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "museum-folder/1"
@@ -38,14 +37,6 @@ MANIFEST_FORMAT = "museum-folder/1"
 INFORMATIONAL = ("report.html", "metrics.json", "summary.csv", "last.pt")
 INFORMATIONAL_SUFFIXES = (".png",)
 INFORMATIONAL_DIRS = ("tensorboard",)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -63,7 +54,7 @@ def write_manifest(folder: Path, kind: str) -> dict:
     files = {}
     for path in _files(folder):
         rel = path.relative_to(folder).as_posix()
-        files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"format": MANIFEST_FORMAT, "kind": kind, "package_version": __version__,
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     data = json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8")
@@ -111,7 +102,7 @@ def verify_folder(folder: str | Path, kind: str) -> dict | None:
             raise refuse(f"{rel} is missing")
         if file.stat().st_size != entry.get("size"):
             raise refuse(f"{rel} has {file.stat().st_size} bytes where the manifest says {entry.get('size')}")
-        if _sha256(file) != entry.get("sha256"):
+        if sha256_file(file) != entry.get("sha256"):
             raise refuse(f"{rel} differs from the file this folder was written with (sha256)")
     return manifest
 

@@ -9,26 +9,15 @@ retrain on different data would no longer stand for the saved model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from museum.errors import MuseumError
 from museum.log import logger
-from museum.utils import read_json, write_json
+from museum.utils import read_json, sha256_file, write_json
 
 DATA_NAME = "data.json"
 RECORD_FORMAT = "museum-data/1"
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(path: str | Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import glob
+import hashlib
 import json
 import os
 import random
@@ -110,6 +111,15 @@ def _remove_stale_temps(path: Path) -> None:
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_classes(labels, source: str, what: str = "a classifier") -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from clirun import error_line, invoke
 from csvrows import read_rows, write_rows
 from museum.cli import app
 from museum.data.competition import normalise_description
@@ -22,19 +23,6 @@ from museum.data.competition import normalise_description
 ROOT = Path(__file__).resolve().parents[1]
 MUSEUM = Path(sys.executable).with_name("museum")  # the installed entry point, as a shell runs it
 runner = CliRunner()
-
-
-def invoke(*args, **kwargs):
-    result = runner.invoke(app, [str(a) for a in args], **kwargs)
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def labelled(path: Path, rows: list[dict]) -> Path:

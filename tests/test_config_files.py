@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from clirun import error_line, invoke
 from csvrows import read_rows, write_rows
 from museum.cli import app
 from museum.config import FusionConfig, ImageConfig, TextConfig, config_to_dict
@@ -30,19 +31,6 @@ lr: 1e-3        # YAML 1.1 reads this as text: taken as the number it is
 blend_weight: auto
 device: cpu
 """
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from clirun import error_line
 from csvrows import read_rows, write_rows
 from museum import engine, folders
 from museum.cli import app
@@ -55,11 +56,8 @@ def two_text_models(text_rows) -> tuple[TextModel, TextModel]:
 
 
 def one_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
+    assert "Traceback" not in result.output, result.output
+    return error_line(result)
 
 
 class Boundaries:
