@@ -99,6 +99,21 @@ def test_fast_bilstm_matches_torch_lstm():
     assert FastBiLSTM(model).logits(np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0, 15)
 
 
+def test_fast_bilstm_runs_on_one_thread_and_restores_the_setting():
+    from museum.text.lstm import torch_threads
+
+    torch.set_num_threads(2)  # the fixture restores the original afterwards
+    seen = []
+    with torch_threads(1):
+        seen.append(torch.get_num_threads())
+    with torch_threads(None):
+        seen.append(torch.get_num_threads())
+    assert seen == [1, 2] and torch.get_num_threads() == 2
+    model = BiLSTMClassifier(np.random.default_rng(0).normal(0, 1, (50, 8)).astype(np.float32), 3, hidden=4).eval()
+    FastBiLSTM(model).logits(np.array([2, 3, 4]), np.array([2, 1]))
+    assert torch.get_num_threads() == 2
+
+
 @pytest.mark.parametrize("name", ["word", "char"])
 def test_tfidf_transformers_match_scikit_learn(descriptions, name):
     """Exactly scikit-learn's matrix, for normalised texts, and for raw texts normalised chunk by chunk."""

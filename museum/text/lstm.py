@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,8 +108,14 @@ class FastBiLSTM:
     - tanh is computed as 2·sigmoid(2x) − 1: this torch build's CPU tanh took 5× sigmoid's time per
       element. The factors 2 are folded into the g-gate weights, a doubled cell state and a halved
       hidden state (exact: powers of two), so one sigmoid covers all four gates and few passes remain.
+    - It runs on `threads` torch threads (1; None: torch's setting). A step's operations take tens to
+      hundreds of microseconds, too short to share: on the 2-core development machine, busy with other
+      jobs, two threads made a 3,788-row call 3-15× slower than one (thread barriers waiting for a
+      core); one thread was faster in every measurement.
     The network must not change after construction (`TextModel` rebuilds this when its weights do).
     """
+
+    threads: int | None = 1
 
     def __init__(self, model: BiLSTMClassifier, batch_size: int = 1024) -> None:
         lstm = model.lstm
@@ -145,9 +152,10 @@ class FastBiLSTM:
         starts = np.zeros(n, dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
         order = np.argsort(-lengths, kind="stable")
-        for first in range(0, n, self.batch_size):
-            rows = order[first:first + self.batch_size]
-            out[rows] = self._batch(flat_ids, starts[rows], lengths[rows])
+        with torch_threads(self.threads):
+            for first in range(0, n, self.batch_size):
+                rows = order[first:first + self.batch_size]
+                out[rows] = self._batch(flat_ids, starts[rows], lengths[rows])
         return out
 
     def _batch(self, flat_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -180,6 +188,21 @@ class FastBiLSTM:
         # [max forward, max backward, mean forward, mean backward]: the reference's feature order
         features = torch.cat([h_max[0], h_max[1], mean[0], mean[1]], dim=1)
         return torch.addmm(self.head_bias, features, self.head_weight).numpy()
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` (if given and fewer) for the block, then restored.
+    The setting is per calling thread (OpenMP's), so other threads' work is not slowed."""
+    before = torch.get_num_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
