@@ -236,7 +236,11 @@ def run_submit(source: Path, csv_path: Path, model: Path, out: Path, threads: in
     """`museum submit` end to end in a fresh process (imports, loading, reading, scoring, writing)."""
     command = [sys.executable, "-m", "museum", "submit", str(csv_path), "--text-model", str(model), "--image-model", "none",
                "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(source), "TQDM_DISABLE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:  # torch's default, what `museum submit` gets
+        env.pop("OMP_NUM_THREADS", None)
     load = load_average()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=source)
@@ -334,10 +338,11 @@ def speed_main(args) -> None:
     for key, r in submits.items():
         if isinstance(r, dict):
             print(f"submit {key:<16} {r['rows']} rows {r['seconds']:6.1f} s {r['rows_per_s']:8.0f} rows/s "
-                  f"(OMP threads {r['threads']}, load {r['load_average']:.1f})")
+                  f"(OMP threads {r['threads'] or 'default'}, load {r['load_average']:.1f})")
         else:
             print(f"submit {key:<16} {r}")
-    write_json(args.speed_out, {"rows": len(texts), "distinct_rows": len(set(texts)), "repeats": args.repeats, "before": args.before,
+    write_json(args.speed_out, {"command": " ".join(sys.argv), "rows": len(texts), "distinct_rows": len(set(texts)),
+                                "repeats": args.repeats, "before": args.before,
                                 "text_model": text, "fasttext": fast, "after_vs_before": agreement, "submit": submits,
                                 "cpu_count": os.cpu_count()})
     print(f"wrote {args.speed_out}")
@@ -367,7 +372,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="--speed: torch thread counts to measure")
     parser.add_argument("--repeats", type=int, default=7, help="--speed: best of this many calls")
     parser.add_argument("--submit-rows", type=int, default=200_000, help="--speed: rows of the submit files (0: no submit)")
-    parser.add_argument("--submit-threads", type=int, default=1, help="--speed: OMP_NUM_THREADS of the submit processes")
+    parser.add_argument("--submit-threads", type=int, default=0,
+                        help="--speed: OMP_NUM_THREADS of the submit processes (0: unset, torch's default)")
     parser.add_argument("--speed-out", type=Path, default=ROOT / "bench_results" / "bench_text_speed.json")
     args = parser.parse_args()
     if args.speed:
