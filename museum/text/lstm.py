@@ -174,16 +174,19 @@ class FastBiLSTM:
         cell = torch.zeros(2, n, hidden)  # twice the LSTM's cell state
         h_max = torch.full((2, n, hidden), -torch.inf)
         h_sum = torch.zeros(2, n, hidden)
+        # A step costs ~40 µs of Python and dispatch whatever its size, so views change only with m.
+        m, max_now, sum_now, table, recurrent = n, h_max, h_sum, self.table, self.recurrent
         for s in range(width):
-            m = active[s]
-            if m < h.shape[1]:  # rows that ended drop out; their pooled values are final
+            if active[s] < m:  # rows that ended drop out; their pooled values are final
+                m = active[s]
                 h, cell = h[:, :m].contiguous(), cell[:, :m].contiguous()
-            gates = torch.nn.functional.embedding(index[s, :, :m], self.table).baddbmm_(h, self.recurrent).sigmoid_()
+                max_now, sum_now = h_max[:, :m], h_sum[:, :m]
+            gates = torch.nn.functional.embedding(index[s, :, :m], table).baddbmm_(h, recurrent).sigmoid_()
             i, f, g, o = gates.split(hidden, dim=2)
             cell.mul_(f).addcmul_(i, g, value=4.0).sub_(i, alpha=2.0)  # 2c ← f·2c + i·2·tanh(x), 2·tanh(x) = 4·sigmoid(2x) − 2
             h = torch.sigmoid(cell).sub_(0.5).mul_(o)  # h/2 = o·tanh(c)/2 = o·(sigmoid(2c) − ½)
-            h_sum[:, :m] += h
-            torch.maximum(h_max[:, :m], h, out=h_max[:, :m])
+            sum_now.add_(h)
+            torch.maximum(max_now, h, out=max_now)
         mean = h_sum / torch.from_numpy(lengths).float()[None, :, None]
         # [max forward, max backward, mean forward, mean backward]: the reference's feature order
         features = torch.cat([h_max[0], h_max[1], mean[0], mean[1]], dim=1)
