@@ -131,15 +131,18 @@ class ChunkScores:
 
 
 def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: int = 2) -> ChunkScores:
-    """Every loaded expert scores the items through the one expert contract, `score_rows(items) -> (proba, usable)`;
+    """Every loaded expert scores the items through the one expert contract (`wants(items)`: the rows it could score,
+    from the inputs alone; `score_rows(items) -> (proba, usable)`);
     each expert's probabilities are aligned by class name on the union, NaN where it could not score a row."""
     n, k = len(items), len(experts.classes)
     scored = {}
     for role, expert in experts.roles().items():
-        proba, usable = expert.score_rows(items, batch_size=batch_size, workers=workers)
-        usable = np.asarray(usable, dtype=bool)
-        aligned = np.full((n, k), np.nan)
-        aligned[usable] = align(np.asarray(proba)[usable], list(expert.classes_), experts.classes)
+        aligned, usable = np.full((n, k), np.nan), np.zeros(n, dtype=bool)
+        # `wants` reads the inputs only: an expert with nothing to score is not called (nor its lock taken)
+        if expert.wants(items).any():
+            proba, usable = expert.score_rows(items, batch_size=batch_size, workers=workers)
+            usable = np.asarray(usable, dtype=bool)
+            aligned[usable] = align(np.asarray(proba)[usable], list(expert.classes_), experts.classes)
         scored[role] = aligned, usable
     empty = (np.full((n, k), np.nan), np.zeros(n, dtype=bool))
     text_p, has_text = scored.get("text", empty)

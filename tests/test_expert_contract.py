@@ -47,6 +47,7 @@ def items_for(tiny_folder: Path, tmp_path: Path) -> Items:
 
 def check_contract(expert, items: Items) -> tuple[np.ndarray, np.ndarray]:
     proba, usable = expert.score_rows(items, batch_size=4, workers=0)
+    assert not (usable & ~expert.wants(items)).any()  # it scores only rows it said it could
     assert proba.shape == (len(items), len(expert.classes_)) and usable.shape == (len(items),)
     assert np.isnan(proba[~usable]).all()
     assert np.allclose(proba[usable].sum(1), 1, atol=1e-4)
@@ -72,6 +73,9 @@ class Shifted:
 
     def __init__(self, inner, classes):
         self.inner, self.classes_ = inner, classes
+
+    def wants(self, items):
+        return self.inner.wants(items)
 
     def score_rows(self, items, **kwargs):
         proba, usable = self.inner.score_rows(items, **kwargs)

@@ -1,6 +1,6 @@
 """The rows every expert scores: what each item offers (a description, an image) and why an image is absent.
 
-`Items` is the one input of the expert contract (`score_rows(items) -> (proba, usable)`): a CSV chunk
+`Items` is the one input of the expert contract (`wants(items)`, `score_rows(items) -> (proba, usable)`): a CSV chunk
 with `{guid}.jpg` paths, a DataFrame, or one uploaded item whose photo is already decoded.
 """
 

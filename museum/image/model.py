@@ -187,6 +187,10 @@ class ImageModel:
                 ok[rows] = True
         return proba, ok
 
+    def wants(self, items) -> np.ndarray:
+        """The expert contract: rows this expert could score (those with an image path or photo)."""
+        return np.array([image is not None for image in items.images], dtype=bool)
+
     def score_rows(self, items, batch_size: int = 64, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """The expert contract (`museum.data.items.Items` → probabilities, usable rows): file paths are
         decoded by the safe decoder in worker processes, decoded photos scored as they are; rows without
