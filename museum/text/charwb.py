@@ -3,7 +3,8 @@
 `char_wb` n-grams never cross a word boundary, so a text's n-gram counts are the sum of its
 words' counts. scikit-learn cuts and looks up every n-gram of every text in a Python loop
 (about 190 per description, most of the text model's prediction time); here each distinct word
-is cut once, its vocabulary indices are cached, and a text costs a lookup per word.
+is cut once (all new words of a call together, with numpy: `NgramCodes`), its vocabulary indices
+are cached (a `ChunkTable`), and the counts of a call's texts are one sparse product.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class CharWbTransformer:
 
     def _indices_many(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """`_indices` of many words at once, with numpy: every window of every padded word encoded as
-        an integer and looked up among the vocabulary's (a Python loop per n-gram took ~10 µs a word)."""
+        an integer and looked up among the vocabulary's (4 instead of 14 µs of CPU a word on train.csv)."""
         padded = [f" {word} " for word in prepare_chunks(chunks, self._word)]
         sizes = np.fromiter(map(len, padded), np.int64, len(padded))
         digits = self._codes.digits("".join(padded))

@@ -4,6 +4,10 @@ calibrated into probabilities by temperature scaling fitted on out-of-fold SVC s
 
 Everything it needs to predict is stored as arrays and a vocabulary (`to_state` /
 `from_state`), never as a pickle, so a model folder can be loaded without trusting it.
+
+Features are built by `WordNgramTransformer` and `CharWbTransformer` (charwb.py): scikit-learn's
+matrices exactly (tests/test_text_speed.py), from caches of whitespace-separated chunks;
+`predict_proba_reference` goes through scikit-learn's own `transform`.
 """
 
 from __future__ import annotations
