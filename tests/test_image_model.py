@@ -25,7 +25,6 @@ from museum.errors import MuseumError
 from museum.image import backbones
 from museum.image.model import ImageModel
 from museum.image.train import fit_image_model
-from museum.torchutil import inference_copy
 from museum.train_image import train_image_model
 
 TINY = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=8, workers=0, threads=1, freeze_epochs=0, members=1)
