@@ -190,7 +190,7 @@ def _fit_text(data: _ExpertData, keep: np.ndarray, times: dict) -> object:
     texts = [data.inputs[i] for i in np.flatnonzero(keep)]
     train_idx, val_idx = stratified_split(labels, data.config.val_fraction, data.config.seed)
     if len(val_idx) == 0:
-        raise MuseumError(f"cross-fit: the text expert's training rows outside a fold leave none for validation; "
+        raise MuseumError("cross-fit: the text expert's training rows outside a fold leave none for validation; "
                           "pass fewer folds")
     model = TextModel(data.config).fit([texts[i] for i in train_idx], [labels[i] for i in train_idx],
                                        [texts[i] for i in val_idx], [labels[i] for i in val_idx], data.unlabeled,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from museum.data.competition import CompetitionTable
-from museum.data.items import IMAGE_STATUSES, Items  # noqa: F401 - IMAGE_STATUSES: the statuses' names, for callers
+from museum.data.items import Items
 from museum.errors import MuseumError
 from museum.fusion import align, union_classes
 from museum.log import logger
@@ -127,7 +127,7 @@ class ChunkScores:
     has_text: np.ndarray  # the text expert scored the row (non-empty description, model given)
     has_image: np.ndarray  # the image expert scored the row (its image decoded)
     text_present: np.ndarray  # non-empty description, whether or not a text model is used
-    image_status: list[str]  # one of IMAGE_STATUSES per row
+    image_status: list[str]  # one of museum.data.items.IMAGE_STATUSES per row
 
 
 def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: int = 2) -> ChunkScores:
