@@ -86,16 +86,24 @@ def test_onnx_export_matches_the_model_on_100_real_images(finetuned_dir, onnx_di
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
 
 
-def test_onnx_runtime_scoring_matches_torch_eager_on_real_images(finetuned_dir, onnx_dir, real_images):
-    """ONNX Runtime against the unfolded networks in torch eager mode (the speed benchmark's baseline)."""
+def test_image_model_scoring_paths_match_torch_eager_on_real_images(finetuned_dir, onnx_dir, real_images):
+    """ImageModel's default on a CPU (its scoring graph in ONNX Runtime), its torch path (folded, channels-last)
+    and an exported graph, each against the unfolded networks in torch eager mode, on 100 real images."""
     model = ImageModel.load(finetuned_dir, device="cpu")
     eager = ScoringGraph([model.net, *model.members], model.mean, model.std, model.config.tta).eval()
     paths = parity_paths(finetuned_dir, real_images)
     images = torch.cat([batch for _, batch in _decoded_batches(paths, model.input_size, model.interpolation, 50, 0)])
     with torch.no_grad():
         want = eager(images).numpy()
-    got = ExportedImageModel.load(onnx_dir).proba_uint8(images)
-    assert len(images) == 100 and np.abs(want - got).max() <= PARITY_TOLERANCE
+    default, ok = model.predict_paths(paths, batch_size=50, num_workers=0)
+    assert ok.all() and model._onnx is not None  # the default went through ONNX Runtime
+    model.runtime = "torch"
+    torch_path, _ = model.predict_paths(paths, batch_size=50, num_workers=0)
+    exported = ExportedImageModel.load(onnx_dir).proba_uint8(images)
+    assert len(images) == 100 and want.std(0).max() > 0.01
+    for got in (default, torch_path, exported):
+        assert np.abs(want - got).max() <= PARITY_TOLERANCE
+        assert (got.argmax(1) == want.argmax(1)).all()
 
 
 def test_torchscript_export_through_the_cli_with_its_defaults(finetuned_dir):

@@ -218,7 +218,8 @@ def parity_paths(model_dir: Path, images: Path | None, n: int = PARITY_IMAGES) -
 
 
 def compare(model: ImageModel, exported: ExportedImageModel, paths: list[Path], batch_size: int = 32) -> dict:
-    """Largest probability difference and argmax agreement of `exported` against `model` on `paths`."""
+    """Largest probability difference and argmax agreement of `exported` against `model` on `paths` (set
+    `model.runtime = "torch"` for a check against torch rather than the model's own ONNX Runtime session)."""
     mean, std = model._norm_stats()
     worst, agree, n = 0.0, 0, 0
     for _, batch in _decoded_batches(paths, model.input_size, model.interpolation, batch_size, 0):
@@ -254,6 +255,7 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
     out = check_export_destination(Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-{fmt}",
                                    model_dir)
     model = ImageModel.load(model_dir, device="cpu")
+    model.runtime = "torch"  # the reference the export is checked against
     paths = parity_paths(model_dir, images, n_images)
     graph = scoring_graph(model)
     meta = {
