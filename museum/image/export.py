@@ -291,6 +291,6 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
     meta |= {"parity": checked, "files": {name: _sha256(out / name) for name in files}}
     write_json(out / INDEX, meta)
     meta["folder"] = str(out)
-    logger.info(f"{out}: {fmt} export of {model_dir}; on {checked['images']} images the largest probability "
+    logger.debug(f"{out}: {fmt} export of {model_dir}; on {checked['images']} images the largest probability "
                 f"difference is {checked['max_abs_diff']:.2e} (tolerance {tolerance:g})")
     return meta
