@@ -106,6 +106,26 @@ def test_image_model_scoring_paths_match_torch_eager_on_real_images(finetuned_di
         assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_a_network_onnx_cannot_take_is_scored_in_torch(finetuned_dir, real_images, monkeypatch, caplog):
+    """An exporter failure (an op a timm backbone may use that ONNX lacks) falls back to torch, said once."""
+    import museum.image.scoring as scoring
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::made_up' to ONNX opset version 17 is not supported")
+
+    paths = parity_paths(finetuned_dir, real_images)[:20]
+    want, _ = ImageModel.load(finetuned_dir, device="cpu").predict_paths(paths, batch_size=10, num_workers=0)
+    monkeypatch.setattr(scoring, "write_onnx", refuse)
+    model = ImageModel.load(finetuned_dir, device="cpu")
+    with caplog.at_level("WARNING", logger="museum"):
+        got, ok = model.predict_paths(paths, batch_size=10, num_workers=0)
+    assert ok.all() and model.runtime == "torch" and model._onnx is None
+    assert np.abs(want - got).max() <= PARITY_TOLERANCE
+    assert [r.getMessage() for r in caplog.records].count(
+        "image model: ONNX Runtime cannot take this network (Exporting the operator 'aten::made_up' to ONNX opset "
+        "version 17 is not supported); scoring in torch") == 1
+
+
 def test_torchscript_export_through_the_cli_with_its_defaults(finetuned_dir):
     """Default folder MODEL_DIR-torchscript, default images: the model's validation images."""
     result = runner.invoke(app, ["export", str(finetuned_dir), "--format", "torchscript"])

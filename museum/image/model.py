@@ -29,6 +29,7 @@ from museum.data.images import decode_bytes, decode_loader, image_to_tensor, rea
 from museum.engine import load_checkpoint, save_checkpoint
 from museum.errors import MuseumError, load_failure
 from museum.folders import staged_folder, verify_folder
+from museum.log import logger as log
 from museum.image.augment import normalize
 from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, create_backbone
 from museum.image.embed import head_extractor
@@ -142,9 +143,15 @@ class ImageModel:
 
             plain = [copy.deepcopy(net).to(memory_format=torch.contiguous_format) for net in nets]
             graph = ScoringGraph(plain, self.mean, self.std, self.config.tta, features=self.head is not None)
-            with tempfile.TemporaryDirectory() as work:
-                write_onnx(graph, Path(work) / "scoring.onnx", self.input_size)
-                self._onnx = (nets, onnx_session(Path(work) / "scoring.onnx"))
+            try:
+                with tempfile.TemporaryDirectory() as work:
+                    write_onnx(graph, Path(work) / "scoring.onnx", self.input_size)
+                    self._onnx = (nets, onnx_session(Path(work) / "scoring.onnx"))
+            except Exception as exc:  # an op the exporter or the runtime lacks (any timm backbone may come here)
+                log.warning("image model: ONNX Runtime cannot take this network (%s); scoring in torch",
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                self.runtime = "torch"
+                return None
         return self._onnx[1]
 
     def _autocast(self):
