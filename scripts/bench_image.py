@@ -47,12 +47,16 @@ from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, 
 from museum.image.weights import PACKAGED, packaged_file  # noqa: E402
 from museum.train_image import train_image_model  # noqa: E402
 from museum.log import setup_logging  # noqa: E402
+from museum.utils import write_json  # noqa: E402
 
 SHARED = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATA = SHARED / "characters"
 DATASETS = ["simpsons_small", "quintuplets_faces", "quintuplets", "simpsons_mnist"]
 MULTIMODAL = "museum_multimodal"  # guid/typology CSV + images/: the museum photos
 TARGETS = {"simpsons_small": 0.92, "quintuplets_faces": 0.97, "quintuplets": 0.85, "simpsons_mnist": 0.90}
+# Issue #18's targets for the default backbone: validation macro-F1, mean over split seeds 0/1/2.
+BACKBONE_TARGETS = {"simpsons_small": 0.97, "quintuplets_faces": 0.98, "quintuplets": 0.93, "simpsons_mnist": 0.93,
+                    MULTIMODAL: 0.78}
 
 
 def _model(n_classes: int, trainable: float):
@@ -147,27 +151,64 @@ def offline_backbones() -> list[str]:
     return [name for name in PACKAGED if packaged_file(name) is not None]
 
 
-def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int], quick: bool, threads: int,
-                      out: Path) -> dict:
-    """Train every backbone on every set and split seed; mean macro-F1 and seconds per (set, backbone)."""
-    runs = [accuracy(name, quick, out.parent / "image_backbone_runs" / backbone, threads, seed, backbone)
-            for name in datasets for backbone in backbones for seed in seeds]
+def _summarise(runs: list[dict], backbones: list[str], datasets: list[str]) -> dict:
+    """Mean macro-F1 and training seconds per (set, backbone) over the seeds run, and the spread."""
     summary = {}
     for name in datasets:
         for backbone in backbones:
             rows = [r for r in runs if r["dataset"] == name and r["backbone"] == backbone]
-            summary.setdefault(name, {})[backbone] = {
-                "seeds": [r["seed"] for r in rows], "macro_f1": round(sum(r["macro_f1"] for r in rows) / len(rows), 4),
-                "seconds": round(sum(r["seconds"] for r in rows) / len(rows), 1)}
-    width = max(22, *(len(b) + 2 for b in backbones))
-    print(f"\nmean macro-F1 / training seconds over split seeds {', '.join(map(str, seeds))}"
-          + (" (--quick: 2 epochs)" if quick else ""))
-    print(f"{'dataset':18}" + "".join(f"{b:>{width}}" for b in backbones))
-    for name in datasets:
-        cells = [summary[name][b] for b in backbones]
-        print(f"{name:18}" + "".join(f"{c['macro_f1']:>{width - 9}.4f} /{c['seconds']:6.0f}s" for c in cells))
-    return {"backbones": backbones, "datasets": datasets, "seeds": seeds, "quick": quick, "threads": torch.get_num_threads(),
-            "load_average_at_start": round(os.getloadavg()[0], 2), "runs": runs, "summary": summary}
+            if rows:
+                f1 = [r["macro_f1"] for r in rows]
+                summary.setdefault(name, {})[backbone] = {
+                    "seeds": [r["seed"] for r in rows], "macro_f1": round(sum(f1) / len(f1), 4),
+                    "min": min(f1), "max": max(f1), "seconds": round(sum(r["seconds"] for r in rows) / len(rows), 1),
+                    "target": BACKBONE_TARGETS.get(name)}
+    return summary
+
+
+def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int], quick: bool, threads: int,
+                      out: Path, merge: bool) -> dict:
+    """Train every backbone on every set and split seed, seed by seed (seed 0 of the whole grid comes first);
+    the file is rewritten after each run, so a stopped grid keeps what it measured. With `merge` the file's
+    runs for other (set, backbone, seed) triples are kept and those already measured are not run again, so
+    parallel processes can share one file and a stopped grid resumes."""
+    runs: list[dict] = []
+
+    def save() -> dict:
+        kept = []
+        if merge and out.is_file():  # read just before writing: a parallel run may have just written it
+            done = {(r["dataset"], r["backbone"], r["seed"]) for r in runs}
+            kept = [r for r in json.loads(out.read_text())["runs"] if (r["dataset"], r["backbone"], r["seed"]) not in done]
+        every = kept + runs
+        names = list(dict.fromkeys([*backbones, *(r["backbone"] for r in every)]))
+        sets = list(dict.fromkeys([*datasets, *(r["dataset"] for r in every)]))
+        result = {"backbones": names, "datasets": sets, "quick": quick, "threads": torch.get_num_threads(),
+                  "targets": BACKBONE_TARGETS, "runs": every, "summary": _summarise(every, names, sets)}
+        write_json(out, result)
+        return result
+
+    measured = {(r["dataset"], r["backbone"], r["seed"]) for r in json.loads(out.read_text())["runs"]} \
+        if merge and out.is_file() else set()
+    result = save()
+    for seed in seeds:
+        for name in datasets:
+            for backbone in backbones:
+                if (name, backbone, seed) in measured:  # --merge: measured by an earlier or a parallel run
+                    continue
+                runs.append(accuracy(name, quick, out.parent / "image_backbone_runs" / backbone, threads, seed, backbone))
+                runs[-1]["target"] = BACKBONE_TARGETS.get(name)
+                print(json.dumps(runs[-1]), flush=True)
+                result = save()
+    names, sets = result["backbones"], result["datasets"]
+    width = max(24, *(len(b) + 2 for b in names))
+    print("\nmean macro-F1 [min-max over split seeds] / training seconds" + (" (--quick: 2 epochs)" if quick else ""))
+    print(f"{'dataset':18}{'target':>7}  " + "".join(f"{b:>{width}}" for b in names))
+    for name in sets:
+        cells = [result["summary"].get(name, {}).get(b) for b in names]
+        line = "".join(f"{c['macro_f1']:.3f} [{c['min']:.3f}-{c['max']:.3f}] {c['seconds']:4.0f}s n={len(c['seeds'])}"
+                       .rjust(width) if c else "-".rjust(width) for c in cells)
+        print(f"{name:18}{BACKBONE_TARGETS.get(name, 0):7.2f}  " + line)
+    return result
 
 
 def main() -> None:
@@ -198,9 +239,7 @@ def main() -> None:
     if args.backbones:
         names = offline_backbones() if args.backbones == "offline" else [b for b in args.backbones.split(",") if b]
         datasets = [d for d in args.datasets.split(",") if d] if args.datasets else DATASETS + [MULTIMODAL]
-        result = compare_backbones(names, datasets, seeds, args.quick, args.threads, args.out)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        compare_backbones(names, datasets, seeds, args.quick, args.threads, args.out, args.merge)
         print(f"\nwritten to {args.out}")
         return
     size = 160
