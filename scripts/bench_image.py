@@ -28,8 +28,10 @@ tf_efficientnet_lite0/1/2). The full grid takes hours on two shared cores:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -132,6 +134,7 @@ def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0
              backbone: str = ImageConfig.backbone) -> dict:
     config = ImageConfig(backbone=backbone, epochs=2 if quick else 0, threads=threads, seed=seed)
     out = out_root / (name if seed == 0 else f"{name}-seed{seed}")
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a stopped benchmark's: start afresh
     start = time.perf_counter()
     if name == MULTIMODAL:
         model = train_image_model(config, SHARED / name / "images", out, train_csv=SHARED / name / "train.csv")
@@ -175,16 +178,20 @@ def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int
     runs: list[dict] = []
 
     def save() -> dict:
-        kept = []
-        if merge and out.is_file():  # read just before writing: a parallel run may have just written it
-            done = {(r["dataset"], r["backbone"], r["seed"]) for r in runs}
-            kept = [r for r in json.loads(out.read_text())["runs"] if (r["dataset"], r["backbone"], r["seed"]) not in done]
-        every = kept + runs
-        names = list(dict.fromkeys([*backbones, *(r["backbone"] for r in every)]))
-        sets = list(dict.fromkeys([*datasets, *(r["dataset"] for r in every)]))
-        result = {"backbones": names, "datasets": sets, "quick": quick, "threads": torch.get_num_threads(),
-                  "targets": BACKBONE_TARGETS, "runs": every, "summary": _summarise(every, names, sets)}
-        write_json(out, result)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # parallel processes read, merge and write in turn
+            kept = []
+            if merge and out.is_file():
+                done = {(r["dataset"], r["backbone"], r["seed"]) for r in runs}
+                kept = [r for r in json.loads(out.read_text())["runs"]
+                        if (r["dataset"], r["backbone"], r["seed"]) not in done]
+            every = kept + runs
+            names = list(dict.fromkeys([*backbones, *(r["backbone"] for r in every)]))
+            sets = list(dict.fromkeys([*datasets, *(r["dataset"] for r in every)]))
+            result = {"backbones": names, "datasets": sets, "quick": quick, "threads": torch.get_num_threads(),
+                      "targets": BACKBONE_TARGETS, "runs": every, "summary": _summarise(every, names, sets)}
+            write_json(out, result)
         return result
 
     measured = {(r["dataset"], r["backbone"], r["seed"]) for r in json.loads(out.read_text())["runs"]} \
@@ -194,6 +201,7 @@ def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int
         for name in datasets:
             for backbone in backbones:
                 if (name, backbone, seed) in measured:  # --merge: measured by an earlier or a parallel run
+                    print(f"{name} {backbone} seed {seed}: measured in {out}, not run again", flush=True)
                     continue
                 runs.append(accuracy(name, quick, out.parent / "image_backbone_runs" / backbone, threads, seed, backbone))
                 runs[-1]["target"] = BACKBONE_TARGETS.get(name)
