@@ -169,6 +169,20 @@ def _summarise(runs: list[dict], backbones: list[str], datasets: list[str]) -> d
     return summary
 
 
+def print_backbones(result: dict) -> None:
+    """The comparison table: mean macro-F1 [min-max over split seeds], training seconds, runs per cell."""
+    quick = result.get("quick", False)
+    names, sets = result["backbones"], result["datasets"]
+    width = max(31, *(len(b) + 2 for b in names))
+    print("\nmean macro-F1 [min-max over split seeds] / training seconds" + (" (--quick: 2 epochs)" if quick else ""))
+    print(f"{'dataset':18}{'target':>7}  " + "".join(f"{b:>{width + 1}}" for b in names))
+    for name in sets:
+        cells = [result["summary"].get(name, {}).get(b) for b in names]
+        line = "".join(f"{c['macro_f1']:.3f} [{c['min']:.3f}-{c['max']:.3f}] {c['seconds']:4.0f}s n={len(c['seeds'])}"
+                       .rjust(width + 1) if c else "-".rjust(width + 1) for c in cells)
+        print(f"{name:18}{BACKBONE_TARGETS.get(name, 0):7.2f}  " + line)
+
+
 def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int], quick: bool, threads: int,
                       out: Path, merge: bool) -> dict:
     """Train every backbone on every set and split seed, seed by seed (seed 0 of the whole grid comes first);
@@ -207,15 +221,7 @@ def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int
                 runs[-1]["target"] = BACKBONE_TARGETS.get(name)
                 print(json.dumps(runs[-1]), flush=True)
                 result = save()
-    names, sets = result["backbones"], result["datasets"]
-    width = max(24, *(len(b) + 2 for b in names))
-    print("\nmean macro-F1 [min-max over split seeds] / training seconds" + (" (--quick: 2 epochs)" if quick else ""))
-    print(f"{'dataset':18}{'target':>7}  " + "".join(f"{b:>{width}}" for b in names))
-    for name in sets:
-        cells = [result["summary"].get(name, {}).get(b) for b in names]
-        line = "".join(f"{c['macro_f1']:.3f} [{c['min']:.3f}-{c['max']:.3f}] {c['seconds']:4.0f}s n={len(c['seeds'])}"
-                       .rjust(width) if c else "-".rjust(width) for c in cells)
-        print(f"{name:18}{BACKBONE_TARGETS.get(name, 0):7.2f}  " + line)
+    print_backbones(result)
     return result
 
 
@@ -235,8 +241,10 @@ def main() -> None:
                              "or comma-separated names; --datasets then defaults to the four sets and museum_multimodal.")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default bench_results/bench_image.json, with --backbones bench_image_backbones.json)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="Print the backbone table of --out (default bench_image_backbones.json) from its runs; train nothing.")
     args = parser.parse_args()
-    default_out = "bench_image_backbones.json" if args.backbones else "bench_image.json"
+    default_out = "bench_image_backbones.json" if args.backbones or args.summarize else "bench_image.json"
     args.out = args.out or ROOT / "bench_results" / default_out
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -244,6 +252,12 @@ def main() -> None:
         parser.error(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2")
     setup_logging()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.summarize:  # the table of --out again, its summary recomputed from its runs
+        result = json.loads(args.out.read_text())
+        result["summary"] = _summarise(result["runs"], result["backbones"], result["datasets"])
+        write_json(args.out, result)
+        print_backbones(result)
+        return
     if args.backbones:
         names = offline_backbones() if args.backbones == "offline" else [b for b in args.backbones.split(",") if b]
         datasets = [d for d in args.datasets.split(",") if d] if args.datasets else DATASETS + [MULTIMODAL]
