@@ -38,7 +38,9 @@ def train_rows(museum_train_csv) -> list[dict]:
 
 
 def test_shell_completion_for_bash(tmp_path):
-    env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash"}
+    # Typer's own switch for tests: the shell comes from the argument, not from shellingham's look at the parent
+    # processes, which finds none when pytest runs under a non-shell parent (CI runners, `time bash -c …`).
+    env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash", "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     run = lambda *args, **extra: subprocess.run([str(MUSEUM), *args], capture_output=True, text=True, timeout=60,  # noqa: E731
                                                 env={**env, **extra})
     assert "--install-completion" in run("--help").stdout and "--show-completion" in run("--help").stdout
