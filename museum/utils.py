@@ -113,13 +113,19 @@ def _remove_stale_temps(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+def sha256_stream(f) -> str:
+    """Hex sha256 of what a binary file object has left, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (a file the program wrote; untrusted paths go through
+    `museum.data.files.open_regular` and `sha256_stream`)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def check_classes(labels, source: str, what: str = "a classifier") -> list[str]:

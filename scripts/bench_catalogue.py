@@ -16,7 +16,6 @@ Prints a table and writes bench_results/bench_catalogue.json (git-ignored).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import subprocess
@@ -28,28 +27,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from museum.utils import write_json  # noqa: E402
+from museum.data.competition import read_competition_csv  # noqa: E402
+from museum.utils import write_csv, write_json  # noqa: E402
 
 DATA = Path(os.environ.get("MUSEUM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CATALOGUE = 10_000_000
 SMALL = 20
 
 
-def _read(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def text_file(folder: Path, n: int) -> Path:
-    descriptions = [r["description"] for r in _read(DATA / "museum" / "test.csv") if r["description"].strip()]
-    path = folder / f"text-{n}.csv"
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["guid", "description"])
-        # Every row unique (a catalogue number appended), as a catalogue's are: submit scores a repeated
-        # description once, so test.csv's 676 descriptions repeated would measure its cache, not the model.
-        writer.writerows([f"t{i}", f"{descriptions[i % len(descriptions)]} инв. {i}"] for i in range(n))
-    return path
+    descriptions = [d for d in read_competition_csv(DATA / "museum" / "test.csv").descriptions if d]
+    # Every row unique (a catalogue number appended), as a catalogue's are: submit scores a repeated
+    # description once, so test.csv's 676 descriptions repeated would measure its cache, not the model.
+    return write_csv(folder / f"text-{n}.csv", ["guid", "description"],
+                     ([f"t{i}", f"{descriptions[i % len(descriptions)]} инв. {i}"] for i in range(n)))
 
 
 def image_file(folder: Path, n: int) -> tuple[Path, Path]:
@@ -59,12 +50,7 @@ def image_file(folder: Path, n: int) -> tuple[Path, Path]:
     images.mkdir()
     for i in range(n):  # a copy each: the submit reads n files, as a catalogue's would be
         shutil.copyfile(photos[i % len(photos)], images / f"p{i}.jpg")
-    path = folder / f"images-{n}.csv"
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["guid", "description"])
-        writer.writerows([f"p{i}", ""] for i in range(n))
-    return path, images
+    return write_csv(folder / f"images-{n}.csv", ["guid", "description"], ([f"p{i}", ""] for i in range(n))), images
 
 
 def submit_seconds(csv_path: Path, out: Path, args, images: Path | None) -> float:

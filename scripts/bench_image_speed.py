@@ -176,9 +176,8 @@ def bench_set(name: str, args) -> dict:
               "device": args.device, "threads": {}}
     if model.head is not None or model.decision is not None:
         raise SystemExit("the benchmark scores fine-tuned many-class models (no head, no decision)")
-    stats = model._norm_stats()
     model.runtime = "torch"  # the reference: ImageModel's torch scoring (folded, channels-last)
-    reference = score(lambda x: model._proba_uint8(x, *stats), images, args.batches[0])
+    reference = score(model._proba_uint8, images, args.batches[0])
     with tempfile.TemporaryDirectory() as work:
         for threads in args.threads:
             torch.set_num_threads(threads)

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from clirun import error_line, invoke
 from csvrows import read_rows, write_rows
-from museum.cli import app
 from museum.config import FusionConfig, ImageConfig, TextConfig, config_to_dict
 from museum.configfile import config_from_file
 from museum.errors import MuseumError
 
-runner = CliRunner()
 
 # Tiny but real: a few seconds of training (no navec: the word-vector expert is left out).
 TINY_TEXT_YAML = """\

@@ -108,14 +108,14 @@ def test_image_model_scoring_paths_match_torch_eager_on_real_images(finetuned_di
 
 def test_a_network_onnx_cannot_take_is_scored_in_torch(finetuned_dir, real_images, monkeypatch, caplog):
     """An exporter failure (an op a timm backbone may use that ONNX lacks) falls back to torch, said once."""
-    import museum.image.scoring as scoring
+    import museum.image.model as image_model
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::made_up' to ONNX opset version 17 is not supported")
 
     paths = parity_paths(finetuned_dir, real_images)[:20]
     want, _ = ImageModel.load(finetuned_dir, device="cpu").predict_paths(paths, batch_size=10, num_workers=0)
-    monkeypatch.setattr(scoring, "write_onnx", refuse)
+    monkeypatch.setattr(image_model, "write_onnx", refuse)
     model = ImageModel.load(finetuned_dir, device="cpu")
     with caplog.at_level("WARNING", logger="museum"):
         got, ok = model.predict_paths(paths, batch_size=10, num_workers=0)

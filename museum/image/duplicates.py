@@ -21,7 +21,6 @@ and `museum dedup` (`museum.dedup`) reports them.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +31,7 @@ from scipy.sparse.csgraph import connected_components
 
 from museum.data.files import open_regular
 from museum.image.embed import image_embeddings
+from museum.utils import sha256_stream
 
 # Chosen on scripts/bench_dedup.py (simpsons_small and quintuplets_faces, seeds 0/1): recall and
 # precision stay ≥ 0.95 for thresholds 0.95–0.97, floors 0.5–0.7 and hash limits 0.14–0.16; the
@@ -49,14 +49,11 @@ def file_hash(path: Path | None) -> str | None:
     """SHA-256 of the file's bytes, streamed; None for a missing or unreadable file."""
     if path is None:
         return None
-    h = hashlib.sha256()
     try:
         with open_regular(path) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            return sha256_stream(f)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def crop_hashes(img) -> np.ndarray:

@@ -17,7 +17,6 @@ unless the exported graph agrees with the model on real images (largest probabil
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 import warnings
@@ -33,10 +32,9 @@ from museum.errors import MuseumError
 from museum.extras import require
 from museum.folders import check_not_input, is_model_folder
 from museum.image.model import ImageModel
-from museum.image.scoring import OPSET, ScoringGraph, onnx_session, write_onnx
+from museum.image.scoring import OPSET, ScoringGraph, contiguous_copy, onnx_session, write_onnx
 from museum.log import logger
-from museum.torchutil import inference_copy
-from museum.utils import atomic_path, read_json, write_json
+from museum.utils import atomic_path, read_json, sha256_file, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 EXPORT_FORMAT = "museum-image-export/1"
@@ -48,8 +46,7 @@ PARITY_IMAGES = 100
 
 def scoring_graph(model: ImageModel) -> ScoringGraph:
     """The CPU scoring module of a loaded model (conv/batch-norm folded copies of its networks)."""
-    nets = [inference_copy(net).cpu() for net in [model._check_fitted(), *model.members]]
-    return ScoringGraph(nets, model.mean, model.std, model.config.tta, features=model.head is not None).eval()
+    return contiguous_copy(model.scoring_graph())
 
 
 # ----------------------------------------------------------------------------- writing the graph
@@ -96,14 +93,6 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: torch.Tensor | 
 
 
 # ----------------------------------------------------------------------------- scoring an export
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ExportedImageModel:
@@ -181,7 +170,7 @@ def read_export_index(folder: Path) -> dict:
         raise MuseumError(f"{index}: not an image export of this package; export the model again")
     for name, digest in (meta.get("files") or {}).items():
         file = folder / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or sha256_file(file) != digest:
             raise MuseumError(f"{folder}: {name} is missing or differs from the file this export was written with; "
                               "export the model again")
     return meta
@@ -220,10 +209,9 @@ def parity_paths(model_dir: Path, images: Path | None, n: int = PARITY_IMAGES) -
 def compare(model: ImageModel, exported: ExportedImageModel, paths: list[Path], batch_size: int = 32) -> dict:
     """Largest probability difference and argmax agreement of `exported` against `model` on `paths` (set
     `model.runtime = "torch"` for a check against torch rather than the model's own ONNX Runtime session)."""
-    mean, std = model._norm_stats()
     worst, agree, n = 0.0, 0, 0
     for _, batch in _decoded_batches(paths, model.input_size, model.interpolation, batch_size, 0):
-        want, got = model._proba_uint8(batch, mean, std), exported.proba_uint8(batch)
+        want, got = model._proba_uint8(batch), exported.proba_uint8(batch)
         worst = max(worst, float(np.abs(want - got).max()))
         agree += int((want.argmax(1) == got.argmax(1)).sum())
         n += len(batch)
@@ -288,7 +276,7 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
                 shutil.copyfile(model_dir / name, tmp)
         files += HEAD_FILES
     # The index last: it names what belongs together, so a folder cut short by a crash is refused on load.
-    meta |= {"parity": checked, "files": {name: _sha256(out / name) for name in files}}
+    meta |= {"parity": checked, "files": {name: sha256_file(out / name) for name in files}}
     write_json(out / INDEX, meta)
     meta["folder"] = str(out)
     logger.debug(f"{out}: {fmt} export of {model_dir}; on {checked['images']} images the largest probability "

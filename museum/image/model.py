@@ -13,7 +13,7 @@ of every probability matrix.
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -30,13 +30,19 @@ from museum.engine import load_checkpoint, save_checkpoint
 from museum.errors import MuseumError, load_failure
 from museum.folders import staged_folder, verify_folder
 from museum.log import logger as log
-from museum.image.augment import normalize
 from museum.image.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, check_input_size, create_backbone
 from museum.image.embed import head_extractor
+from museum.image.scoring import ScoringGraph, contiguous_copy, onnx_session, write_onnx
 from museum.torchutil import inference_copy
 from museum.utils import resolve_device, write_json
 
 CHECKPOINT_FORMAT = "museum-image/1"
+
+
+@functools.cache
+def _onnxruntime_installed() -> bool:
+    """Whether the `export` extra's onnxruntime is importable (looked up once, not per batch)."""
+    return importlib.util.find_spec("onnxruntime") is not None
 KINDS = ("finetuned", "head")  # a fine-tuned classifier network; a scikit-learn head on a feature extractor
 
 
@@ -60,11 +66,11 @@ class ImageModel:
         self.head = None  # a fitted `museum.image.heads.Head` on frozen features (`--head`), else None
         self.features: str | None = None  # with a head: the feature kind `net` returns (embed.FEATURES)
         self.decision: dict | None = None  # binary tasks: {"positive": class, "threshold": raw probability}
-        self._fused: tuple | None = None  # (networks they were made from, their fused inference copies)
+        self._graph: tuple | None = None  # (networks it was made from, their scoring graph on fused copies)
         # "auto": the scoring graph in ONNX Runtime on a CPU where onnxruntime (the export extra) is installed,
         # else torch; "torch": torch everywhere (what `museum export` checks its graphs against).
         self.runtime = "auto"
-        self._onnx: tuple | None = None  # (fused copies it was made from, ONNX Runtime session of their scoring graph)
+        self._onnx: tuple | None = None  # (the scoring graph it was made from, its ONNX Runtime session)
 
     # ------------------------------------------------------------------ construction
 
@@ -115,17 +121,17 @@ class ImageModel:
                               "or ImageModel.load(folder)")
         return self.net
 
-    def _norm_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalisation mean and std as tensors on the model's device (built once per call, not per batch)."""
-        return torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
-
-    def _inference_nets(self) -> list[torch.nn.Module]:
-        """Conv/batch-norm fused eval copies of `net` and the members (`inference_copy`) in channels-last
-        memory format, rebuilt when they change."""
+    def scoring_graph(self) -> ScoringGraph:
+        """This model's scoring as one module (`museum.image.scoring.ScoringGraph`: uint8 batch → members'
+        mean probability, or a head's features) over conv/batch-norm fused eval copies of `net` and the
+        members (`inference_copy`) in channels-last memory format, rebuilt when the networks change. The
+        torch path runs it; ONNX Runtime and `museum export` take a copy of it."""
         nets = [self._check_fitted(), *self.members]
-        if self._fused is None or len(self._fused[0]) != len(nets) or any(a is not b for a, b in zip(self._fused[0], nets)):
-            self._fused = (nets, [inference_copy(net).to(self.device, memory_format=torch.channels_last) for net in nets])
-        return self._fused[1]
+        if self._graph is None or len(self._graph[0]) != len(nets) or any(a is not b for a, b in zip(self._graph[0], nets)):
+            fused = [inference_copy(net).to(self.device, memory_format=torch.channels_last) for net in nets]
+            graph = ScoringGraph(fused, self.mean, self.std, self.config.tta, features=self.head is not None)
+            self._graph = (nets, graph.to(self.device).eval())
+        return self._graph[1]
 
     def _onnx_session(self):
         """The ONNX Runtime session of the scoring graph (`museum.image.scoring`) where `runtime` allows it,
@@ -135,18 +141,14 @@ class ImageModel:
         CPU): 4.5-5.4x torch eager at 160 px and 2.2x at 64 px, same macro-F1, probabilities within 2e-6;
         torch in channels-last (the path without onnxruntime) 2.4-4.2x and 1.6x; bfloat16 autocast and
         int8 were faster but lost up to 0.010 and 0.091 macro-F1."""
-        if self.runtime != "auto" or self.device != "cpu" or importlib.util.find_spec("onnxruntime") is None:
+        if self.runtime != "auto" or self.device != "cpu" or not _onnxruntime_installed():
             return None
-        nets = self._inference_nets()
-        if self._onnx is None or self._onnx[0] is not nets:
-            from museum.image.scoring import ScoringGraph, onnx_session, write_onnx
-
-            plain = [copy.deepcopy(net).to(memory_format=torch.contiguous_format) for net in nets]
-            graph = ScoringGraph(plain, self.mean, self.std, self.config.tta, features=self.head is not None)
+        graph = self.scoring_graph()
+        if self._onnx is None or self._onnx[0] is not graph:
             try:
                 with tempfile.TemporaryDirectory() as work:
-                    write_onnx(graph, Path(work) / "scoring.onnx", self.input_size)
-                    self._onnx = (nets, onnx_session(Path(work) / "scoring.onnx"))
+                    write_onnx(contiguous_copy(graph), Path(work) / "scoring.onnx", self.input_size)
+                    self._onnx = (graph, onnx_session(Path(work) / "scoring.onnx"))
             except Exception as exc:  # an op the exporter or the runtime lacks (any timm backbone may come here)
                 log.warning("image model: ONNX Runtime cannot take this network (%s); scoring in torch",
                             str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
@@ -162,26 +164,17 @@ class ImageModel:
         return torch.autocast("cuda", dtype=torch.float16)
 
     @torch.no_grad()
-    def _scores(self, batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    def _scores(self, batch: torch.Tensor) -> np.ndarray:
         """The scoring graph's output for a uint8 batch: the members' mean probability, or a head's features."""
         session = self._onnx_session()
         if session is not None:
             return session.run(None, {"images": batch.contiguous().numpy()})[0]
-        nets = self._inference_nets()
-        x = normalize(batch.to(self.device), mean, std).contiguous(memory_format=torch.channels_last)
-        outputs = []
+        graph = self.scoring_graph()
         with self._autocast():
-            for net in nets:
-                logits = net(x).float()
-                if self.config.tta:  # the mirror view, as validation scored it
-                    logits = (logits + net(x.flip(3)).float()) / 2
-                outputs.append(logits)
-        if self.head is not None:  # `logits` are feature vectors here (heads have no members)
-            return outputs[0].cpu().numpy()
-        return torch.stack([logits.softmax(1) for logits in outputs]).mean(0).cpu().numpy()
+            return graph(batch.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
 
-    def _proba_uint8(self, batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-        scores = self._scores(batch, mean, std)
+    def _proba_uint8(self, batch: torch.Tensor) -> np.ndarray:
+        scores = self._scores(batch)
         # members vote with their probabilities, as validation averaged them; a head maps its features
         proba = self.head.predict_proba(scores) if self.head is not None else scores
         if self.decision is not None:  # binary task: 0.5 moves to the saved threshold
@@ -200,12 +193,11 @@ class ImageModel:
             raise MuseumError("predict_proba: one image; pass a list of images, e.g. [image]")
         images = list(images)
         self._check_fitted().eval()
-        mean, std = self._norm_stats()
         out = np.zeros((len(images), len(self.classes_)), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = torch.stack([self._as_tensor(img, start + i) for i, img in enumerate(chunk)])
-            out[start:start + len(chunk)] = self._proba_uint8(batch, mean, std)
+            out[start:start + len(chunk)] = self._proba_uint8(batch)
         return out
 
     def _as_tensor(self, image: Image.Image | np.ndarray | str | Path, row: int) -> torch.Tensor:
@@ -229,7 +221,6 @@ class ImageModel:
         Files are decoded by the same safe decoder, in DataLoader worker processes.
         """
         self._check_fitted().eval()
-        mean, std = self._norm_stats()
         proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
         ok = np.zeros(len(paths), dtype=bool)
         for batch in decode_loader(list(paths), self.input_size, batch_size, num_workers,
@@ -237,7 +228,7 @@ class ImageModel:
             good = [(i, t) for i, t, _ in batch if t is not None]
             if good:
                 rows = [i for i, _ in good]
-                proba[rows] = self._proba_uint8(torch.stack([t for _, t in good]), mean, std)
+                proba[rows] = self._proba_uint8(torch.stack([t for _, t in good]))
                 ok[rows] = True
         return proba, ok
 

@@ -9,6 +9,7 @@ MobileNetV2 4.8-6.9 times as fast as torch eager at the same macro-F1 (scripts/b
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from pathlib import Path
@@ -46,6 +47,12 @@ class ScoringGraph(nn.Module):
         if self.features:  # heads have no members
             return outputs[0]
         return torch.stack([y.softmax(1) for y in outputs]).mean(0)
+
+
+def contiguous_copy(graph: nn.Module) -> nn.Module:
+    """A CPU copy of `graph` in the default memory format, as the exporters take it (ImageModel's own
+    runs channels-last)."""
+    return copy.deepcopy(graph).cpu().to(memory_format=torch.contiguous_format).eval()
 
 
 def write_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> None:

@@ -10,7 +10,6 @@ thread safety of the tokenizer, scikit-learn or torch modules inside an expert.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from museum.errors import MuseumError
 from museum.data.items import Items
 from museum.experts import score_items
 from museum.submit import RunSetup, prepare, route_names
+from museum.utils import sha256_stream
 
 # Descriptions in the catalogue are at most a few thousand characters; anything much longer is a paste accident.
 MAX_DESCRIPTION_CHARS = 20_000
@@ -81,12 +81,10 @@ class Prediction:
 
 def file_version(path: Path) -> dict:
     """A model file's identity: the first 12 hex digits of its SHA-256 and its modification time."""
-    digest = hashlib.sha256()
     with open_regular(path) as f:  # a FIFO or device in its place is refused, never read (it could block)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        digest = sha256_stream(f)
     modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
-    return {"sha256": digest.hexdigest()[:12], "file": path.name, "modified": modified}
+    return {"sha256": digest[:12], "file": path.name, "modified": modified}
 
 
 class Predictor:
