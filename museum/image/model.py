@@ -37,13 +37,13 @@ from museum.torchutil import inference_copy
 from museum.utils import resolve_device, write_json
 
 CHECKPOINT_FORMAT = "museum-image/1"
+KINDS = ("finetuned", "head")  # a fine-tuned classifier network; a scikit-learn head on a feature extractor
 
 
 @functools.cache
 def _onnxruntime_installed() -> bool:
     """Whether the `export` extra's onnxruntime is importable (looked up once, not per batch)."""
     return importlib.util.find_spec("onnxruntime") is not None
-KINDS = ("finetuned", "head")  # a fine-tuned classifier network; a scikit-learn head on a feature extractor
 
 
 class ImageModel:
