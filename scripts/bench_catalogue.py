@@ -58,7 +58,7 @@ def submit_seconds(csv_path: Path, out: Path, args, images: Path | None) -> floa
                "--device", args.device, "--text-model", str(args.text_model) if images is None else "none",
                "--image-model", str(args.image_model) if images is not None else "none"]
     if images is not None:
-        command += ["--images", str(images), "--workers", str(args.workers)]
+        command += ["--images", str(images), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--image-rows", type=int, default=3_000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="submit --workers (image decoding processes)")
+    parser.add_argument("--batch-size", type=int, default=64, help="submit --batch-size (images per scoring batch)")
     parser.add_argument("--machines", default="1,10,100", help="N for the N-machine estimate")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_catalogue.json")
     args = parser.parse_args()
@@ -88,9 +89,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        # Each model alone, away from a fusion.json tuned for both (submit would refuse it for one expert).
-        args.text_model = Path(shutil.copytree(args.text_model, work / "models" / "text"))
-        args.image_model = Path(shutil.copytree(args.image_model, work / "models" / "image"))
+        # Each model alone, away from a fusion.json tuned for both (submit would refuse it for one expert);
+        # only the models whose rows are timed are needed.
+        if args.text_rows > SMALL:
+            args.text_model = Path(shutil.copytree(args.text_model, work / "models" / "text"))
+        if args.image_rows > SMALL:
+            args.image_model = Path(shutil.copytree(args.image_model, work / "models" / "image"))
         for modality, n in (("text", args.text_rows), ("images", args.image_rows)):
             if n <= SMALL:
                 continue
@@ -106,7 +110,7 @@ def main() -> None:
             rows.append({"modality": modality, "rows": n, "seconds": round(timings[n], 2),
                          "startup_seconds": round(startup, 2), "rows_per_second": round(rate, 1),
                          "catalogue_seconds": {str(m): round(startup + CATALOGUE / (rate * m), 1) for m in machines}})
-    result = {"device": args.device, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+    result = {"device": args.device, "workers": args.workers, "batch_size": args.batch_size, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
               "catalogue_rows": CATALOGUE, "rows": rows,
               "command": " ".join(sys.argv)}
     print(f"`museum submit` end to end ({args.device}, {os.cpu_count()} CPUs, load average "
