@@ -46,7 +46,7 @@ DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda (checked before any
 IMAGES_OPTION = typer.Option(None, "--images", help=_IMAGES_HELP)
 TEXT_MODEL_OPTION = typer.Option(str(DEFAULT_TEXT_MODEL), "--text-model", help=_MODEL_HELP.format(kind="text", default=DEFAULT_TEXT_MODEL))
 IMAGE_MODEL_OPTION = typer.Option(str(DEFAULT_IMAGE_MODEL), "--image-model", help=_MODEL_HELP.format(kind="image", default=DEFAULT_IMAGE_MODEL))
-BATCH_OPTION = typer.Option(FUSION.batch_size, help="Images per batch.")
+BATCH_OPTION = typer.Option(FUSION.batch_size, help="Images per scoring batch; 0 = by device (64 on a CPU, 256 on CUDA).")
 WORKERS_OPTION = typer.Option(FUSION.workers, help="DataLoader workers decoding images.")
 FORCE_OPTION = typer.Option(False, "--force", help="Replace what an earlier run wrote to the default output.")
 CONFIG_OPTION = typer.Option(

@@ -130,7 +130,7 @@ class ChunkScores:
     image_status: list[str]  # one of museum.data.items.IMAGE_STATUSES per row
 
 
-def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: int = 2) -> ChunkScores:
+def score_items(experts: Experts, items: Items, batch_size: int | None = None, workers: int = 2) -> ChunkScores:
     """Every loaded expert scores the items through the one expert contract (`wants(items)`: the rows it could score,
     from the inputs alone; `score_rows(items) -> (proba, usable)`);
     each expert's probabilities are aligned by class name on the union, NaN where it could not score a row."""
@@ -140,7 +140,7 @@ def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: i
         aligned, usable = np.full((n, k), np.nan), np.zeros(n, dtype=bool)
         # `wants` reads the inputs only: an expert with nothing to score is not called (nor its lock taken)
         if expert.wants(items).any():
-            proba, usable = expert.score_rows(items, batch_size=batch_size, workers=workers)
+            proba, usable = expert.score_rows(items, batch_size=batch_size or None, workers=workers)
             usable = np.asarray(usable, dtype=bool)
             aligned[usable] = align(np.asarray(proba)[usable], list(expert.classes_), experts.classes)
         scored[role] = aligned, usable
@@ -155,7 +155,7 @@ def score_items(experts: Experts, items: Items, batch_size: int = 64, workers: i
 
 
 def score_chunk(
-    experts: Experts, chunk: CompetitionTable, images_dir: Path | None, batch_size: int = 64, workers: int = 2
+    experts: Experts, chunk: CompetitionTable, images_dir: Path | None, batch_size: int | None = None, workers: int = 2
 ) -> ChunkScores:
     """Score one chunk of a competition CSV, with images at `images_dir/{guid}.jpg`."""
     return score_items(experts, Items.from_table(chunk, images_dir), batch_size, workers)

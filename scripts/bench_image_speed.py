@@ -219,7 +219,8 @@ def choose(result: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# image scoring paths on the CPU ({result['cpus']} CPUs, load average {result['load_average']} → "
+    where = "the CPU" if result.get("device", "cpu") == "cpu" else f"{result['device']} ({result.get('gpu', 'GPU')})"
+    lines = [f"# image scoring paths on {where} ({result['cpus']} CPUs, load average {result['load_average']} → "
              f"{result['load_average_end']})", "",
              "| set | threads | path | images/s | batch | × eager | macro-F1 | change |", "|---|---|---|---|---|---|---|---|"]
     for s in result["sets"]:
@@ -264,6 +265,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     result = {"cpus": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
               "device": args.device, "batches": args.batches, "rounds": args.rounds, "timing_images": args.timing_images, "sets": []}
+    if args.device.startswith("cuda"):
+        result["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__

@@ -142,6 +142,20 @@ def test_predict_paths_marks_unreadable_rows(trained, tiny_folder, tmp_path):
     np.testing.assert_allclose(proba[ok], model.predict_proba([Image.open(p) for p in good]), atol=1e-5)
 
 
+def test_scoring_batch_follows_the_device_unless_named(trained, tiny_folder, monkeypatch):
+    model, _ = trained
+    assert model.scoring_batch() == 64 and model.scoring_batch(0) == 64 and model.scoring_batch(5) == 5
+    monkeypatch.setattr(model, "device", "cuda:0")  # the choice only: nothing runs on the device here
+    assert model.scoring_batch() == 256 and model.scoring_batch(None) == 256 and model.scoring_batch(8) == 8
+    monkeypatch.setattr(model, "device", "cpu")
+    paths = sorted(tiny_folder.rglob("*.*"))[:5]
+    sizes = []
+    real = model._proba_uint8
+    monkeypatch.setattr(model, "_proba_uint8", lambda batch: sizes.append(len(batch)) or real(batch))
+    model.predict_paths(paths, batch_size=2, num_workers=0)
+    assert sizes == [2, 2, 1]  # a named size is kept
+
+
 def test_seed_makes_runs_identical_and_resume_continues(tiny_folder, tmp_path, monkeypatch):
     config = replace(TINY, epochs=2, balance="sampler", soft_f1=0.3)
     full = train_image_model(config, tiny_folder, tmp_path / "full")

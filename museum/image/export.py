@@ -149,12 +149,12 @@ class ExportedImageModel:
             proba = shift_proba(proba, pos, self.decision["threshold"]).astype(np.float32)
         return proba
 
-    def predict_paths(self, paths: list[Path | None], batch_size: int = 64,
+    def predict_paths(self, paths: list[Path | None], batch_size: int | None = None,
                       num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (n, C) with NaN rows for unreadable or None paths, ok mask), as `ImageModel.predict_paths`."""
         proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
         ok = np.zeros(len(paths), dtype=bool)
-        for rows, batch in _decoded_batches(paths, self.input_size, self.interpolation, batch_size, num_workers):
+        for rows, batch in _decoded_batches(paths, self.input_size, self.interpolation, batch_size or 64, num_workers):
             proba[rows] = self.proba_uint8(batch)
             ok[rows] = True
         return proba, ok

@@ -311,7 +311,7 @@ class TextModel(ClassifierMixin, BaseEstimator):
         """The expert contract: rows this expert could score (those with a description)."""
         return items.has_text
 
-    def score_rows(self, items, batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def score_rows(self, items, batch_size: int | None = None, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The expert contract (`museum.data.items.Items` → probabilities, usable rows): rows with a
         description are scored, the others get NaN. `batch_size` and `workers` serve image experts."""
         usable = items.has_text
