@@ -73,14 +73,47 @@ def text_model_dir(tmp_path_factory, museum_train_csv) -> Path:
     return root / "model"
 
 
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, museum_train_csv, multimodal_dir) -> tuple[Path, Path]:
+    """(text model, image model) folders side by side for the server tests: tiny, real, a few seconds each."""
+    from csvrows import read_rows, write_rows
+    from museum.config import ImageConfig, TextConfig
+    from museum.train_image import train_image_model
+    from museum.train_text import train_text_model
+
+    root = tmp_path_factory.mktemp("serve-models")
+    text_rows = read_rows(museum_train_csv)[:1200]
+    text_csv = write_rows(root / "text.csv", ["guid", "description", "typology"],
+                          [[r["guid"], r["description"], r["typology"]] for r in text_rows])
+    train_text_model(text_csv, root / "text", TextConfig(navec=False, w2v_dim=32, w2v_epochs=2, epochs=2, hidden=16,
+                                                         device="cpu"), progress=False)
+    # Rows 150+ of the multimodal set train the image model; the first ones stay unseen (`photo`).
+    image_rows = read_rows(multimodal_dir / "train.csv")[150:330]
+    image_csv = write_rows(root / "image.csv", ["guid", "description", "typology"],
+                           [[r["guid"], r["description"], r["typology"]] for r in image_rows])
+    config = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=16, workers=0, threads=1, device="cpu")
+    train_image_model(config, multimodal_dir / "images", root / "image", train_csv=image_csv)
+    return root / "text", root / "image"
+
+
+@pytest.fixture(scope="session")
+def photo(multimodal_dir) -> Path:
+    """A real catalogue photo the `models` image model has not seen."""
+    from csvrows import read_rows
+
+    for row in read_rows(multimodal_dir / "train.csv")[:150]:
+        path = multimodal_dir / "images" / f"{row['guid']}.jpg"
+        if path.is_file() and path.stat().st_size > 5000:
+            return path
+    pytest.fail("no usable photo among the first multimodal rows")
+
+
 @pytest.fixture()
 def free_port() -> str:
-    """A TCP port nothing holds now (a fixed one can collide with another job's)."""
-    import socket
+    """A TCP port nothing holds now, as the string torchrun and uvicorn options take."""
+    from serving import unused_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
+    return str(unused_port())
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from clirun import error_line, invoke
 from csvrows import read_rows, write_rows
-from museum.cli import app
 from museum.data.competition import normalise_description
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ Predictor uses nothing else."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 

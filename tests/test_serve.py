@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,55 +28,16 @@ if not os.environ.get("CI"):  # in CI a missing extra must fail, not skip
     pytest.importorskip("fastapi", reason="install the serve extra: pip install -e '.[dev]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from museum.config import FusionConfig, ImageConfig, TextConfig  # noqa: E402
+from museum.config import FusionConfig  # noqa: E402
 from museum.fusion import save_settings  # noqa: E402
 from museum.serve import Limits, create_app  # noqa: E402
 from museum.serve.limits import MB  # noqa: E402
 from csvrows import read_rows, write_rows  # noqa: E402
+from serving import DESCRIPTION, unused_port, wait_until  # noqa: E402
 
-DESCRIPTION = "Поднос под самовар, жесть, роспись"
 
 
 # ----------------------------------------------------------------------------- models
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory, museum_train_csv, multimodal_dir) -> tuple[Path, Path]:
-    """(text model, image model) folders side by side: tiny, real, a few seconds each.
-
-    Trained once per session even when another module (test_serve_load) imports this fixture.
-    """
-    from museum.train_image import train_image_model
-    from museum.train_text import train_text_model
-
-    root = tmp_path_factory.getbasetemp() / "serve-models"
-    if (root / "done").is_file():
-        return root / "text", root / "image"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir()
-    text_rows = read_rows(museum_train_csv)[:1200]
-    text_csv = write_rows(root / "text.csv", ["guid", "description", "typology"],
-                          [[r["guid"], r["description"], r["typology"]] for r in text_rows])
-    train_text_model(text_csv, root / "text", TextConfig(navec=False, w2v_dim=32, w2v_epochs=2, epochs=2, hidden=16,
-                                                         device="cpu"), progress=False)
-    # Rows 150+ of the multimodal set train the image model; the first ones stay unseen for the page.
-    image_rows = read_rows(multimodal_dir / "train.csv")[150:330]
-    image_csv = write_rows(root / "image.csv", ["guid", "description", "typology"],
-                           [[r["guid"], r["description"], r["typology"]] for r in image_rows])
-    config = ImageConfig(weights="none", input_size=32, epochs=1, batch_size=16, workers=0, threads=1, device="cpu")
-    train_image_model(config, multimodal_dir / "images", root / "image", train_csv=image_csv)
-    (root / "done").touch()
-    return root / "text", root / "image"
-
-
-@pytest.fixture(scope="session")
-def photo(multimodal_dir) -> Path:
-    """A real catalogue photo the image model has not seen."""
-    for row in read_rows(multimodal_dir / "train.csv")[:150]:
-        path = multimodal_dir / "images" / f"{row['guid']}.jpg"
-        if path.is_file() and path.stat().st_size > 5000:
-            return path
-    pytest.fail("no usable photo among the first multimodal rows")
 
 
 @pytest.fixture(scope="module")
@@ -353,22 +313,6 @@ def chromium_binary() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 class DevTools:
     """A minimal Chrome DevTools Protocol client over one page's websocket."""
 
@@ -422,7 +366,7 @@ class DevTools:
 @pytest.fixture(scope="module")
 def server(models):
     """The real `museum serve` on a free loopback port, in its own process."""
-    port = free_port()
+    port = unused_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "museum", "serve", "--text-model", str(models[0]), "--image-model", str(models[1]),
          "--port", str(port), "--device", "cpu", "--no-access-log"],

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from museum.serve import Limits, create_app  # noqa: E402
 from museum.serve.limits import Busy, InferenceGate  # noqa: E402
 from csvrows import read_rows, write_rows  # noqa: E402
-from test_serve import DESCRIPTION, free_port, models, photo, wait_until  # noqa: E402,F401 - fixtures
+from serving import DESCRIPTION, unused_port, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,7 +198,7 @@ def test_invalid_utf8_in_a_form_field_is_422_naming_it(models, path, field):
 
 def start_server(models, limits: dict, cli: bool = False) -> tuple[subprocess.Popen, int]:
     """`run_server` with these limits (or the `museum serve` command) in a child process; waits for /health."""
-    port = free_port()
+    port = unused_port()
     if cli:
         command = [sys.executable, "-m", "museum", "serve", "--text-model", str(models[0]),
                    "--image-model", str(models[1]), "--port", str(port), "--device", "cpu", "--no-access-log"]

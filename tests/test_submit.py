@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from museum.cli import app
-from museum.config import TextConfig
 from museum.submit import check_submission
 from csvrows import read_rows, write_rows  # noqa: E402
 
