@@ -9,6 +9,7 @@ From these rates it prints the time to score 10 million rows on one machine like
 machines with `torchrun --nnodes N -m museum submit` (contiguous shards: N times the rate, plus one start-up).
 
     python scripts/bench_catalogue.py --text-model models/text --image-model models/image [--device cuda]
+    python scripts/bench_catalogue.py --nproc 2 ...   # torchrun --standalone --nproc-per-node 2 on this machine
 
 Prints a table and writes bench_results/bench_catalogue.json (git-ignored).
 """
@@ -54,7 +55,10 @@ def image_file(folder: Path, n: int) -> tuple[Path, Path]:
 
 
 def submit_seconds(csv_path: Path, out: Path, args, images: Path | None) -> float:
-    command = [sys.executable, "-m", "museum", "--quiet", "submit", str(csv_path), "--out", str(out),
+    # --nproc N: N ranks on this machine, each scoring its contiguous shard (`torchrun --standalone` picks the port)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
+                if args.nproc > 1 else [sys.executable])
+    command = [*launcher, "-m", "museum", "--quiet", "submit", str(csv_path), "--out", str(out),
                "--device", args.device, "--text-model", str(args.text_model) if images is None else "none",
                "--image-model", str(args.image_model) if images is not None else "none"]
     if images is not None:
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="submit --workers (image decoding processes)")
     parser.add_argument("--batch-size", type=int, default=64, help="submit --batch-size (images per scoring batch)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun --nproc-per-node)")
     parser.add_argument("--machines", default="1,10,100", help="N for the N-machine estimate")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_catalogue.json")
     args = parser.parse_args()
@@ -110,10 +115,10 @@ def main() -> None:
             rows.append({"modality": modality, "rows": n, "seconds": round(timings[n], 2),
                          "startup_seconds": round(startup, 2), "rows_per_second": round(rate, 1),
                          "catalogue_seconds": {str(m): round(startup + CATALOGUE / (rate * m), 1) for m in machines}})
-    result = {"device": args.device, "workers": args.workers, "batch_size": args.batch_size, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+    result = {"device": args.device, "nproc": args.nproc, "workers": args.workers, "batch_size": args.batch_size, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
               "catalogue_rows": CATALOGUE, "rows": rows,
               "command": " ".join(sys.argv)}
-    print(f"`museum submit` end to end ({args.device}, {os.cpu_count()} CPUs, load average "
+    print(f"`museum submit` end to end ({args.device}, {args.nproc} process(es), {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     print(f"{'modality':9}{'rows':>9}{'seconds':>9}{'start-up s':>11}{'rows/s':>9}"
           + "".join(f"{f'10M on {m}':>14}" for m in machines))
