@@ -154,6 +154,14 @@ def offline_backbones() -> list[str]:
     return [name for name in PACKAGED if packaged_file(name) is not None]
 
 
+def _table_order(runs: list[dict], backbones: list[str], datasets: list[str]) -> tuple[list[str], list[str]]:
+    """Columns and rows in one order whichever process wrote last: packaged backbones, then others as met;
+    the sets as DATASETS, then museum_multimodal, then others."""
+    met = lambda key, known, asked: list(dict.fromkeys(  # noqa: E731
+        [*(k for k in known if any(r[key] == k for r in runs)), *asked, *(r[key] for r in runs)]))
+    return met("backbone", list(PACKAGED), backbones), met("dataset", [*DATASETS, MULTIMODAL], datasets)
+
+
 def _summarise(runs: list[dict], backbones: list[str], datasets: list[str]) -> dict:
     """Mean macro-F1 and training seconds per (set, backbone) over the seeds run, and the spread."""
     summary = {}
@@ -201,8 +209,7 @@ def compare_backbones(backbones: list[str], datasets: list[str], seeds: list[int
                 kept = [r for r in json.loads(out.read_text())["runs"]
                         if (r["dataset"], r["backbone"], r["seed"]) not in done]
             every = kept + runs
-            names = list(dict.fromkeys([*backbones, *(r["backbone"] for r in every)]))
-            sets = list(dict.fromkeys([*datasets, *(r["dataset"] for r in every)]))
+            names, sets = _table_order(every, backbones, datasets)
             result = {"backbones": names, "datasets": sets, "quick": quick, "threads": torch.get_num_threads(),
                       "targets": BACKBONE_TARGETS, "runs": every, "summary": _summarise(every, names, sets)}
             write_json(out, result)
@@ -254,6 +261,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.summarize:  # the table of --out again, its summary recomputed from its runs
         result = json.loads(args.out.read_text())
+        result["backbones"], result["datasets"] = _table_order(result["runs"], result["backbones"], result["datasets"])
         result["summary"] = _summarise(result["runs"], result["backbones"], result["datasets"])
         write_json(args.out, result)
         print_backbones(result)
