@@ -140,7 +140,7 @@ def score_items(experts: Experts, items: Items, batch_size: int | None = None, w
         aligned, usable = np.full((n, k), np.nan), np.zeros(n, dtype=bool)
         # `wants` reads the inputs only: an expert with nothing to score is not called (nor its lock taken)
         if expert.wants(items).any():
-            proba, usable = expert.score_rows(items, batch_size=batch_size or None, workers=workers)
+            proba, usable = expert.score_rows(items, batch_size=batch_size, workers=workers)
             usable = np.asarray(usable, dtype=bool)
             aligned[usable] = align(np.asarray(proba)[usable], list(expert.classes_), experts.classes)
         scored[role] = aligned, usable

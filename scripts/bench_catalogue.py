@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--image-rows", type=int, default=3_000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="submit --workers (image decoding processes)")
-    parser.add_argument("--batch-size", type=int, default=64, help="submit --batch-size (images per scoring batch)")
+    parser.add_argument("--batch-size", type=int, default=0, help="submit --batch-size (0 = submit's choice by device)")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun --nproc-per-node)")
     parser.add_argument("--machines", default="1,10,100", help="N for the N-machine estimate")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "bench_catalogue.json")
@@ -115,7 +115,8 @@ def main() -> None:
             rows.append({"modality": modality, "rows": n, "seconds": round(timings[n], 2),
                          "startup_seconds": round(startup, 2), "rows_per_second": round(rate, 1),
                          "catalogue_seconds": {str(m): round(startup + CATALOGUE / (rate * m), 1) for m in machines}})
-    result = {"device": args.device, "nproc": args.nproc, "workers": args.workers, "batch_size": args.batch_size, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+    result = {"device": args.device, "nproc": args.nproc, "workers": args.workers, "batch_size": args.batch_size,
+              "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
               "catalogue_rows": CATALOGUE, "rows": rows,
               "command": " ".join(sys.argv)}
     print(f"`museum submit` end to end ({args.device}, {args.nproc} process(es), {os.cpu_count()} CPUs, load average "

@@ -157,9 +157,11 @@ def offline_backbones() -> list[str]:
 def _table_order(runs: list[dict], backbones: list[str], datasets: list[str]) -> tuple[list[str], list[str]]:
     """Columns and rows in one order whichever process wrote last: packaged backbones, then others as met;
     the sets as DATASETS, then museum_multimodal, then others."""
-    met = lambda key, known, asked: list(dict.fromkeys(  # noqa: E731
-        [*(k for k in known if any(r[key] == k for r in runs)), *asked, *(r[key] for r in runs)]))
-    return met("backbone", list(PACKAGED), backbones), met("dataset", [*DATASETS, MULTIMODAL], datasets)
+    def order(key: str, known: list[str], asked: list[str]) -> list[str]:
+        seen = [r[key] for r in runs]
+        return list(dict.fromkeys([*(k for k in known if k in seen), *asked, *seen]))
+
+    return order("backbone", list(PACKAGED), backbones), order("dataset", [*DATASETS, MULTIMODAL], datasets)
 
 
 def _summarise(runs: list[dict], backbones: list[str], datasets: list[str]) -> dict:

@@ -31,7 +31,7 @@ from museum.data.images import IMAGE_SUFFIXES, decode_loader
 from museum.errors import MuseumError
 from museum.extras import require
 from museum.folders import check_not_input, is_model_folder
-from museum.image.model import ImageModel
+from museum.image.model import SCORING_BATCH, ImageModel
 from museum.image.scoring import OPSET, ScoringGraph, contiguous_copy, onnx_session, write_onnx
 from museum.log import logger
 from museum.utils import atomic_path, read_json, sha256_file, write_json
@@ -154,7 +154,7 @@ class ExportedImageModel:
         """(probabilities (n, C) with NaN rows for unreadable or None paths, ok mask), as `ImageModel.predict_paths`."""
         proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
         ok = np.zeros(len(paths), dtype=bool)
-        for rows, batch in _decoded_batches(paths, self.input_size, self.interpolation, batch_size or 64, num_workers):
+        for rows, batch in _decoded_batches(paths, self.input_size, self.interpolation, batch_size or SCORING_BATCH["cpu"], num_workers):
             proba[rows] = self.proba_uint8(batch)
             ok[rows] = True
         return proba, ok
