@@ -420,7 +420,7 @@ def test_page_in_headless_chromium(server, browser, photo, museum_test_csv, tmp_
     browser.call("Page.navigate", url=server + "/")
     browser.wait_loaded(server + "/")
     browser.call("DOM.setFileInputFiles", files=[str(photo)], nodeId=browser.node("#image"))
-    # Focus by DevTools, not by a click alone: under load a click can land before layout, and the
+    # Focus through DevTools rather than a click: under load a click can land before layout, and the
     # inserted text then goes nowhere. Wait until the form holds both inputs before submitting.
     browser.call("DOM.focus", nodeId=browser.node("#description"))
     browser.call("Input.insertText", text=DESCRIPTION)

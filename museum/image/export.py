@@ -154,7 +154,8 @@ class ExportedImageModel:
         """(probabilities (n, C) with NaN rows for unreadable or None paths, ok mask), as `ImageModel.predict_paths`."""
         proba = np.full((len(paths), len(self.classes_)), np.nan, dtype=np.float32)
         ok = np.zeros(len(paths), dtype=bool)
-        for rows, batch in _decoded_batches(paths, self.input_size, self.interpolation, batch_size or SCORING_BATCH["cpu"], num_workers):
+        batch_size = batch_size or SCORING_BATCH["cpu"]  # ONNX Runtime scores on the CPU here
+        for rows, batch in _decoded_batches(paths, self.input_size, self.interpolation, batch_size, num_workers):
             proba[rows] = self.proba_uint8(batch)
             ok[rows] = True
         return proba, ok
