@@ -475,7 +475,7 @@ def embed_cmd(
     images: Path = typer.Argument(..., metavar="FOLDER_OR_CSV", help="DIR/<class>/*.jpg, or the competition CSV (then --images is the folder of {guid}.jpg)."),
     image_dir: Optional[Path] = typer.Option(None, "--images", help="With a CSV: folder of {guid}.jpg (default: images/ beside it)."),
     out: Path = typer.Option(Path("embeddings.npz"), "--out", help="Embeddings file to write (reused as is when up to date)."),
-    backbone: str = typer.Option("mobilenet_v2", help="torchvision or timm model name (as train-image --backbone)."),
+    backbone: str = typer.Option(IMAGE.backbone, help="torchvision or timm model name (as train-image --backbone)."),
     weights: str = typer.Option("imagenet", help="imagenet or a .pth state dict file."),
     input_size: int = typer.Option(0, help="Square input size; 0 = as train-image picks (64 for thumbnails, else 160)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each image's features with its mirror's (as train-image --head)."),

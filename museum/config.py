@@ -206,14 +206,15 @@ class FusionConfig:
 
 @dataclass
 class ImageConfig:
-    """`museum train-image`: a torchvision backbone fine-tuned on decoded-once images."""
+    """`museum train-image`: an ImageNet-pretrained backbone fine-tuned on decoded-once images (or a head on its features)."""
 
     seed: int = 0
     val_fraction: float = 0.2
     dedup_split: bool = False  # keep near-duplicate groups on one side of the train/validation split
     device: str = "auto"
     # model
-    backbone: str = "mobilenet_v2"
+    # the most accurate offline backbone over the character sets and museum photos (scripts/bench_image.py --backbones)
+    backbone: str = "tf_efficientnet_lite2"
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     input_size: int = 0  # 0 = from the data: 64 px for thumbnails, else 160 px
     # optimisation

@@ -1,6 +1,6 @@
 """Benchmark image scoring paths: images/s and macro-F1 change against torch eager.
 
-For the default backbone (MobileNetV2) trained with `museum train-image` on each character set's seeded
+For the default backbone (`ImageConfig.backbone`) trained with `museum train-image` on each character set's seeded
 80/20 split (trained once into --models with train-image defaults, or --epochs for a short run; reused
 after), every path scores the same decoded uint8 validation images through the model's whole scoring
 (members, mirror view, softmax):

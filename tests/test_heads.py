@@ -173,7 +173,7 @@ def test_cli_embed_then_head_then_predict(slice_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("MUSEUM_OFFLINE", "1")
     vectors = tmp_path / "vectors.npz"
     out = _ok(["embed", str(slice_folder), "--out", str(vectors), *FAST])
-    assert "18 images x 3904 features (mobilenet_v2 stages" in out  # 5 stages [mean ; max] + 64 colour bins
+    assert "18 images x 1184 features (tf_efficientnet_lite2 stages" in out  # 5 stages [mean ; max] + 64 colour bins
     before = vectors.stat().st_mtime_ns
     _ok(["embed", str(slice_folder), "--out", str(vectors), *FAST])
     assert vectors.stat().st_mtime_ns == before  # up to date: not rewritten

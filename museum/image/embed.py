@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from museum.config import HEAD_FEATURES
+from museum.config import HEAD_FEATURES, ImageConfig
 from museum.errors import MuseumError, load_failure
 from museum.log import logger, progress_bar
 from museum.utils import atomic_path, resolve_device
@@ -253,7 +253,7 @@ def load_or_embed(paths, labels, spec: dict, file: str | Path | None = None, ext
     return emb
 
 
-def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbone: str = "mobilenet_v2",
+def embed_folder(images: Path, out: Path, train_csv: Path | None = None, backbone: str = ImageConfig.backbone,
                  weights: str = "imagenet", input_size: int = 0, device: str = "auto", workers: int = 0,
                  cache_dir: str | None = None, seed: int = 0, tta: bool = True, features: str = "stages") -> Embeddings:
     """`museum embed`: embeddings of a folder-per-class set (or train.csv + images) written to `out`.
