@@ -83,7 +83,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: torch.Tensor | 
     ops = ["Conv", "Gemm", "MatMul"]
     with tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp:
         prepared = Path(work) / "prepared.onnx"  # shapes inferred, graph optimised: what the quantiser expects
-        quant_pre_process(str(src), str(prepared))
+        # onnxruntime's symbolic shape inference gave up on tf_efficientnet_lite2's graph and left its temporary
+        # files in the working directory; ONNX's own shape inference covers every op of these convolutional graphs.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         if calibration is None:
             quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
         else:
