@@ -145,7 +145,9 @@ class ImageModel:
         scripts/bench_image_speed.py (MobileNetV2 on the four character sets, one thread of a shared 2-core
         CPU): 4.5-5.4x torch eager at 160 px and 2.2x at 64 px, same macro-F1, probabilities within 2e-6;
         torch in channels-last (the path without onnxruntime) 2.4-4.2x and 1.6x; bfloat16 autocast and
-        int8 were faster but lost up to 0.010 and 0.091 macro-F1."""
+        int8 were faster but lost up to 0.010 and 0.091 macro-F1. tf_efficientnet_lite2 (session 12): 2.8-2.9x
+        at 160 px and 1.6x at 64 px, same macro-F1; bfloat16 4.2-4.3x within 0.005 macro-F1 but probabilities
+        up to 0.077 apart and fast only on CPUs with bfloat16 instructions."""
         if self.runtime != "auto" or self.device != "cpu" or not _onnxruntime_installed():
             return None
         graph = self.scoring_graph()
