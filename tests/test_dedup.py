@@ -194,9 +194,13 @@ def test_dedup_and_clean_read_an_embed_file(tmp_path, characters_dir):
         for src in sorted((characters_dir / "simpsons_small" / cls).iterdir())[:8]:
             shutil.copy(src, folder / cls / src.name)
     runner = CliRunner()
-    for kind in ("pooled", "stages"):
-        result = runner.invoke(app, ["embed", str(folder), "--features", kind, "--out", str(tmp_path / f"{kind}.npz")])
+    for kind, backbone in (("pooled", "mobilenet_v2"), ("stages", "tf_efficientnet_lite2"), ("pooled", "tf_efficientnet_lite2")):
+        out = tmp_path / f"{kind}{'' if backbone == 'mobilenet_v2' or kind == 'stages' else '_lite2'}.npz"
+        result = runner.invoke(app, ["embed", str(folder), "--features", kind, "--backbone", backbone, "--out", str(out)])
         assert result.exit_code == 0, result.output
+    # dedup's thresholds were set on MobileNetV2's pooled features: another backbone's are refused in one line
+    result = runner.invoke(app, ["dedup", str(folder), "--embeddings", str(tmp_path / "pooled_lite2.npz"), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "museum embed --backbone mobilenet_v2 --features pooled" in result.output
     result = runner.invoke(app, ["dedup", str(folder), "--embeddings", str(tmp_path / "pooled.npz"), "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "d" / "embeddings.npz").exists()  # nothing embedded again

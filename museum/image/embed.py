@@ -310,6 +310,10 @@ def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = Non
         if emb.meta.get("features") != features:
             raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('features')} features, this needs {features}; "
                               f"write them with `museum embed --features {features}`")
+        if features == "pooled" and emb.meta.get("backbone") != DUPLICATE_BACKBONE:  # the duplicate thresholds' features
+            raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('backbone')} features; near-duplicate "
+                              f"thresholds are set on {DUPLICATE_BACKBONE}'s: write them with "
+                              f"`museum embed --backbone {DUPLICATE_BACKBONE} --features pooled`")
     else:
         spec = embed_spec(DUPLICATE_BACKBONE, "imagenet", resolve_input_size(input_size, present),
                           backbone_preprocess(DUPLICATE_BACKBONE), features=features)
