@@ -140,7 +140,7 @@ def _image_oof(paths: list[Path | None], y: np.ndarray, classes: list[str], spli
     from museum.image.embed import image_embeddings
     from museum.image.heads import fit_head
 
-    feats, ok = image_embeddings(paths, cache_file, features="stages", given=embeddings)
+    feats, ok = image_embeddings(paths, cache_file, features="stages", given=embeddings, any_backbone=True)
     # Folds are cut over every row: the readable images alone must still hold two classes to learn from.
     check_classes([classes[j] for j in y[ok]], f"{source}: the readable images", "an image audit")
     proba = np.zeros((len(paths), len(classes)), dtype=np.float32)

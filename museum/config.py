@@ -206,7 +206,7 @@ class FusionConfig:
 
 @dataclass
 class ImageConfig:
-    """`museum train-image`: an ImageNet-pretrained backbone fine-tuned on decoded-once images (or a head on its features)."""
+    """`museum train-image`: an ImageNet-pretrained backbone fine-tuned on decoded-once images, or a head on its features."""
 
     seed: int = 0
     val_fraction: float = 0.2

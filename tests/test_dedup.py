@@ -194,9 +194,10 @@ def test_dedup_and_clean_read_an_embed_file(tmp_path, characters_dir):
         for src in sorted((characters_dir / "simpsons_small" / cls).iterdir())[:8]:
             shutil.copy(src, folder / cls / src.name)
     runner = CliRunner()
-    for kind, backbone in (("pooled", "mobilenet_v2"), ("stages", "tf_efficientnet_lite2"), ("pooled", "tf_efficientnet_lite2")):
-        out = tmp_path / f"{kind}{'' if backbone == 'mobilenet_v2' or kind == 'stages' else '_lite2'}.npz"
-        result = runner.invoke(app, ["embed", str(folder), "--features", kind, "--backbone", backbone, "--out", str(out)])
+    for name, kind, backbone in (("pooled", "pooled", "mobilenet_v2"), ("stages", "stages", "tf_efficientnet_lite2"),
+                                 ("pooled_lite2", "pooled", "tf_efficientnet_lite2")):
+        result = runner.invoke(app, ["embed", str(folder), "--features", kind, "--backbone", backbone,
+                                     "--out", str(tmp_path / f"{name}.npz")])
         assert result.exit_code == 0, result.output
     # dedup's thresholds were set on MobileNetV2's pooled features: another backbone's are refused in one line
     result = runner.invoke(app, ["dedup", str(folder), "--embeddings", str(tmp_path / "pooled_lite2.npz"), "--out", str(tmp_path / "d")])

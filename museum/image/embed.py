@@ -292,13 +292,14 @@ DUPLICATE_BACKBONE = "mobilenet_v2"
 
 
 def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = None, device: str = "auto",
-                     input_size: int = 0, features: str = "pooled",
-                     given: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     input_size: int = 0, features: str = "pooled", given: Path | None = None,
+                     any_backbone: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised float32 embeddings (n, d), readable mask) of `paths` (None: no image), one
     `DUPLICATE_BACKBONE` pass cached in `cache_file`.
 
     `given`: a file written by `museum embed` to read rows from instead (never rewritten); it must
-    hold `features`."""
+    hold `features`, and `DUPLICATE_BACKBONE`'s unless `any_backbone` (a caller that fits a head on
+    them, not one whose thresholds were set on that network)."""
     from museum.image.backbones import backbone_preprocess
     from museum.image.preprocess import resolve_input_size
 
@@ -310,10 +311,10 @@ def image_embeddings(paths: Sequence[Path | None], cache_file: Path | None = Non
         if emb.meta.get("features") != features:
             raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('features')} features, this needs {features}; "
                               f"write them with `museum embed --features {features}`")
-        if features == "pooled" and emb.meta.get("backbone") != DUPLICATE_BACKBONE:  # the duplicate thresholds' features
-            raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('backbone')} features; near-duplicate "
-                              f"thresholds are set on {DUPLICATE_BACKBONE}'s: write them with "
-                              f"`museum embed --backbone {DUPLICATE_BACKBONE} --features pooled`")
+        if not any_backbone and emb.meta.get("backbone") != DUPLICATE_BACKBONE:
+            raise MuseumError(f"--embeddings {given}: holds {emb.meta.get('backbone')} features; the thresholds "
+                              f"here are set on {DUPLICATE_BACKBONE}'s: write them with "
+                              f"`museum embed --backbone {DUPLICATE_BACKBONE} --features {features}`")
     else:
         spec = embed_spec(DUPLICATE_BACKBONE, "imagenet", resolve_input_size(input_size, present),
                           backbone_preprocess(DUPLICATE_BACKBONE), features=features)
