@@ -404,7 +404,7 @@ def evaluate_cmd(
 
 IMAGE_FIELDS = {name: name for name in (
     "seed", "val_fraction", "dedup_split", "device", "backbone", "weights", "input_size", "epochs", "patience", "batch_size",
-    "lr", "weight_decay", "warmup_epochs", "freeze_epochs", "trainable", "backbone_lr", "ema", "tta", "members",
+    "lr", "weight_decay", "warmup_epochs", "freeze_epochs", "trainable", "backbone_lr", "ema", "tta", "members", "mix_backbone",
     "label_smoothing", "balance", "soft_f1", "crop_scale", "color_jitter", "mixup", "amp", "workers", "threads", "cache_dir",
     "head", "head_features", "embeddings", "positive", "target_precision")}
 
@@ -434,6 +434,7 @@ def train_image(
     ema: float = typer.Option(IMAGE.ema, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
     tta: bool = typer.Option(IMAGE.tta, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
     members: int = typer.Option(IMAGE.members, help="Networks to fine-tune (seeds SEED, SEED+100, ...) and average; 0 = auto: 3 below 500 training images, else 1."),
+    mix_backbone: str = typer.Option(IMAGE.mix_backbone, help="Backbone of every second ensemble member (2, 4, ...), with its own pretrained normalisation; none = all members use --backbone."),
     label_smoothing: float = typer.Option(IMAGE.label_smoothing, help="Cross-entropy label smoothing."),
     balance: str = typer.Option(IMAGE.balance, help="loss (cross-entropy weighted ∝ 1/class count, at most 10× apart), sampler (class-balanced draws) or none."),
     soft_f1: float = typer.Option(IMAGE.soft_f1, help="Weight of the soft-F1 term in the loss, 0..1."),

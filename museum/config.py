@@ -233,6 +233,9 @@ class ImageConfig:
     ema: float = 0.15  # horizon of the weight average that is validated and kept, as a share of all steps; 0 = off
     tta: bool = True  # validate and predict on the mean of each image's and its mirror's logits
     members: int = 0  # networks trained under seeds seed, seed+100, ... and averaged; 0 = auto: 3 below 500 training images, else 1
+    # An ensemble alternates two backbones: members 2, 4, ... use this one, with its own pretrained mean/std
+    # ("none": every member uses `backbone`; so does `--weights PATH`, a state dict of `backbone` alone).
+    mix_backbone: str = "mobilenet_v2"
     # augmentation
     crop_scale: float = 0.35  # smallest area share of a random resized crop
     color_jitter: float = 0.3
@@ -248,6 +251,11 @@ class ImageConfig:
     embeddings: str | None = None  # .npz of `museum embed` to reuse (rewritten when its images differ)
     positive: str | None = None  # one-vs-rest: this class against all others
     target_precision: float | None = None  # binary threshold: lowest reaching this precision; None = max F1
+
+    def member_backbone(self, k: int) -> str:
+        """The backbone of ensemble member `k` (0 is the first network): `mix_backbone` for every second one."""
+        mixed = self.mix_backbone != "none" and self.weights in ("imagenet", "none")
+        return self.mix_backbone if mixed and k % 2 == 1 else self.backbone
 
     def __post_init__(self) -> None:
         check = _Check(self)
@@ -273,6 +281,8 @@ class ImageConfig:
         check.share("mixup", why="must be between 0 and 1, or auto")
         check.one_of("head", IMAGE_HEADS)
         check.one_of("head_features", HEAD_FEATURES)
+        if not self.mix_backbone.strip():
+            check.fail("mix_backbone", "must name a backbone, or none")
         if self.members > 1 and self.head != "finetune":
             check.fail("members", f"only fine-tuning trains several networks; drop it with --head {self.head}")
         if self.embeddings is not None and self.head == "finetune":

@@ -19,7 +19,9 @@ compares backbones instead: `train_image_model` with default options for each ba
 (the four character sets and museum_multimodal by default) and split seed; it prints mean
 macro-F1 and training seconds per set and backbone and writes bench_results/bench_image_backbones.json.
 `offline` means every backbone whose ImageNet weights an installed package ships (mobilenet_v2,
-tf_efficientnet_lite0/1/2). The full grid takes hours on two shared cores:
+tf_efficientnet_lite0/1/2). A plain name trains every ensemble member on that backbone; `A+B` is a mixed
+ensemble, members alternating A and B (train-image's default is tf_efficientnet_lite2+mobilenet_v2 on sets
+small enough for three members). The full grid takes hours on two shared cores:
 
     python scripts/bench_image.py --backbones offline --seeds 0,1,2 --threads 1
     python scripts/bench_image.py --backbones offline --datasets quintuplets_faces --quick   # a smoke run
@@ -34,6 +36,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -131,8 +134,13 @@ def speed(root: Path, size: int, n_batches: int, batch: int = 32, rounds: int = 
 
 
 def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0,
-             backbone: str = ImageConfig.backbone) -> dict:
-    config = ImageConfig(backbone=backbone, epochs=2 if quick else 0, threads=threads, seed=seed)
+             backbone: str | None = None) -> dict:
+    config = ImageConfig(epochs=2 if quick else 0, threads=threads, seed=seed)  # train-image's defaults
+    if backbone is not None:  # "A+B": a mixed ensemble (--backbone A --mix-backbone B); "A": every member is A
+        first, _, mixed = backbone.partition("+")
+        config = replace(config, backbone=first, mix_backbone=mixed or "none")
+    else:
+        backbone = config.backbone + (f"+{config.mix_backbone}" if config.mix_backbone != "none" else "")
     out = out_root / (name if seed == 0 else f"{name}-seed{seed}")
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a stopped benchmark's: start afresh
     start = time.perf_counter()
@@ -142,7 +150,7 @@ def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0
         model = train_image_model(config, DATA / name, out)
     seconds = time.perf_counter() - start
     val = model.report_["validation"]
-    return {"dataset": name, "seed": seed, "backbone": config.backbone,
+    return {"dataset": name, "seed": seed, "backbone": backbone,
             "macro_f1": round(val["macro_f1"], 4), "accuracy": round(val["accuracy"], 4),
             "target": TARGETS.get(name), "best_epoch": model.epoch, "epochs_run": len(model.report_["history"]),
             "input_size": model.input_size, "seconds": round(seconds, 1),

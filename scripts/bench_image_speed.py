@@ -87,8 +87,8 @@ def decode(model: ImageModel, paths: list[Path]) -> torch.Tensor:
 def torch_paths(model: ImageModel, device: str) -> dict:
     """name → function(uint8 batch) → probabilities, for the torch paths on `device`."""
     nets = [model.net, *model.members]
-    eager = ScoringGraph([copy.deepcopy(n).eval() for n in nets], model.mean, model.std, model.config.tta)
-    folded = ScoringGraph([inference_copy(n) for n in nets], model.mean, model.std, model.config.tta)
+    eager = ScoringGraph([copy.deepcopy(n).eval() for n in nets], *model.network_norms(), model.config.tta)
+    folded = ScoringGraph([inference_copy(n) for n in nets], *model.network_norms(), model.config.tta)
     eager, folded = eager.to(device).eval(), folded.to(device).eval()
     last = copy.deepcopy(folded).to(memory_format=torch.channels_last)
     # Autocast: float16 on CUDA; bfloat16 on a CPU (fast where it has AVX-512 BF16 or AMX, slow elsewhere).
@@ -109,7 +109,7 @@ def torch_paths(model: ImageModel, device: str) -> dict:
 
 def onnx_paths(model: ImageModel, calibration: torch.Tensor, work: Path, threads: int) -> dict:
     """name → function(uint8 batch) → probabilities, for TorchScript and the ONNX Runtime paths (CPU)."""
-    folded = ScoringGraph([inference_copy(n) for n in [model.net, *model.members]], model.mean, model.std,
+    folded = ScoringGraph([inference_copy(n) for n in [model.net, *model.members]], *model.network_norms(),
                           model.config.tta).eval()
     write_torchscript(folded, work / "model.ts", model.input_size)
     write_onnx(folded, work / "model.onnx", model.input_size)

@@ -90,7 +90,7 @@ def test_image_model_scoring_paths_match_torch_eager_on_real_images(finetuned_di
     """ImageModel's default on a CPU (its scoring graph in ONNX Runtime), its torch path (folded, channels-last)
     and an exported graph, each against the unfolded networks in torch eager mode, on 100 real images."""
     model = ImageModel.load(finetuned_dir, device="cpu")
-    eager = ScoringGraph([model.net, *model.members], model.mean, model.std, model.config.tta).eval()
+    eager = ScoringGraph([model.net, *model.members], *model.network_norms(), model.config.tta).eval()
     paths = parity_paths(finetuned_dir, real_images)
     images = torch.cat([batch for _, batch in _decoded_batches(paths, model.input_size, model.interpolation, 50, 0)])
     with torch.no_grad():

@@ -191,19 +191,31 @@ def test_seed_makes_runs_identical_and_resume_continues(tiny_folder, tmp_path, m
         assert torch.equal(a, b), name
 
 
+def test_ensembles_alternate_two_backbones_unless_told_otherwise():
+    config = ImageConfig()
+    assert [config.member_backbone(k) for k in range(4)] == [config.backbone, "mobilenet_v2"] * 2
+    assert replace(config, mix_backbone="none").member_backbone(1) == config.backbone
+    assert replace(config, weights="backbone.pth").member_backbone(1) == config.backbone  # a state dict of one backbone
+    with pytest.raises(MuseumError, match="--mix-backbone"):
+        replace(config, mix_backbone=" ")
+
+
 def test_members_are_averaged_saved_and_resumed(tiny_folder, tmp_path, monkeypatch):
     config = replace(TINY, epochs=2, members=2)
     full = train_image_model(config, tiny_folder, tmp_path / "full")
     assert len(full.members) == 1 and (tmp_path / "full" / "member1" / "summary.csv").is_file()
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert [m["seed"] for m in metrics["members"]] == [0, 100]
+    # A mixed ensemble (--mix-backbone): member 2 is MobileNetV2, normalised as ImageNet's torchvision models are.
+    assert [m["backbone"] for m in metrics["members"]] == [TINY.backbone, "mobilenet_v2"] != [TINY.backbone] * 2
     images = [Image.open(p) for p in sorted(tiny_folder.rglob("*.*"))[:6]]
     loaded = ImageModel.load(tmp_path / "full", device="cpu")
-    assert len(loaded.members) == 1
+    assert len(loaded.members) == 1 and loaded.member_preprocess == full.member_preprocess
+    assert loaded.member_preprocess[0]["mean"] == list(backbones.IMAGENET_MEAN) != loaded.mean
     np.testing.assert_allclose(loaded.predict_proba(images), full.predict_proba(images), atol=1e-6)
     # The ensemble's probabilities are the mean of its networks' (member 1 alone: its own checkpoint).
     alone = [ImageModel.load(tmp_path / "full" / "member1" / "best.pt", device="cpu").predict_proba(images)]
-    loaded.members = []
+    loaded.members, loaded.member_preprocess = [], []
     alone.append(loaded.predict_proba(images))
     np.testing.assert_allclose(full.predict_proba(images), np.mean(alone, 0), atol=1e-6)
 

@@ -51,6 +51,14 @@ def _onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def _check_member_spec(spec, path: Path) -> None:
+    """A checkpoint's member description is {"backbone": name, "mean": 3 numbers, "std": 3 positive numbers}."""
+    triple = lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)  # noqa: E731
+    if not (isinstance(spec, dict) and isinstance(spec.get("backbone"), str) and triple(spec.get("mean"))
+            and triple(spec.get("std")) and min(spec["std"]) > 0):
+        raise MuseumError(f"{path}: member_preprocess is malformed (each needs a backbone name and RGB mean/std); retrain")
+
+
 class ImageModel:
     """Image classifier made by a trainer or `load`; `classes_` names the probability columns, `kind` says
     which of `KINDS` it is."""
@@ -61,6 +69,9 @@ class ImageModel:
         self.kind = "head" if self.config.head != "finetune" else "finetuned"
         self.net: torch.nn.Module | None = None
         self.members: list[torch.nn.Module] = []  # further fine-tuned networks averaged with `net` (`--members`)
+        # per member: {"backbone", "mean", "std"}; a mixed ensemble's members normalise as their own backbone was
+        # pretrained (`--mix-backbone`), all of them on the images `net`'s interpolation and input size made
+        self.member_preprocess: list[dict] = []
         self.input_size = self.config.input_size
         self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         self.preprocess: dict = {}  # the backbone's pretrained preprocessing (`museum.image.preprocess.FIELDS`)
@@ -101,6 +112,22 @@ class ImageModel:
             self.net, self.features = head_extractor(self.net, self.config.head_features, self.mean, self.std)
         return source
 
+    def new_member(self, backbone: str, weights: str) -> tuple[torch.nn.Module, dict, str]:
+        """(a fresh network of `backbone` for the classes and input size of `net`, its {"backbone", "mean", "std"},
+        where its initial weights came from): a further ensemble member for a trainer."""
+        made = create_backbone(backbone, len(self.classes_), weights, self.input_size)
+        if backbone == self.config.backbone:  # the same normalisation as `net`, overrides included
+            mean, std = self.mean, self.std
+        else:
+            mean, std = made.preprocess["mean"], made.preprocess["std"]
+            check_input_size(made.module, backbone, self.input_size)
+        return made.module, {"backbone": backbone, "mean": list(mean), "std": list(std)}, made.source
+
+    def network_norms(self) -> tuple[list, list]:
+        """(mean, std) per network, `net` first."""
+        specs = [{"mean": self.mean, "std": self.std}, *self.member_preprocess]
+        return [list(s["mean"]) for s in specs], [list(s["std"]) for s in specs]
+
     @property
     def interpolation(self) -> str:
         """How images are resized to `input_size`: the backbone's pretrained interpolation."""
@@ -115,7 +142,7 @@ class ImageModel:
             "library": self.library, "kind": self.kind,
             "preprocess": {**self.preprocess, "mean": list(self.mean), "std": list(self.std)},
             "head": self.head.kind if self.head is not None else None, "decision": self.decision,
-            "members": 1 + len(self.members),
+            "members": 1 + len(self.members), "member_preprocess": [dict(spec) for spec in self.member_preprocess],
         }
 
     # ------------------------------------------------------------------ inference
@@ -134,7 +161,8 @@ class ImageModel:
         nets = [self._check_fitted(), *self.members]
         if self._graph is None or len(self._graph[0]) != len(nets) or any(a is not b for a, b in zip(self._graph[0], nets)):
             fused = [inference_copy(net).to(self.device, memory_format=torch.channels_last) for net in nets]
-            graph = ScoringGraph(fused, self.mean, self.std, self.config.tta, features=self.head is not None)
+            means, stds = self.network_norms()
+            graph = ScoringGraph(fused, means, stds, self.config.tta, features=self.head is not None)
             self._graph = (nets, graph.to(self.device).eval())
         return self._graph[1]
 
@@ -305,10 +333,15 @@ class ImageModel:
         model.epoch, model.metric = state["epoch"], state["metric"]
         try:
             model.net.load_state_dict(state["state_dict"])
-            for member_state in state.get("member_state_dicts") or []:
-                member, _ = build_backbone(model.config.backbone, len(model.classes_), "none", model.input_size)
+            # Checkpoints from before mixed ensembles: every member is `backbone`, normalised as `net`.
+            specs = state.get("member_preprocess") or []
+            for k, member_state in enumerate(state.get("member_state_dicts") or []):
+                spec = specs[k] if k < len(specs) else {"backbone": model.config.backbone, "mean": model.mean, "std": model.std}
+                _check_member_spec(spec, path)
+                member, _ = build_backbone(spec["backbone"], len(model.classes_), "none", model.input_size)
                 member.load_state_dict(member_state)
                 model.members.append(member.eval())
+                model.member_preprocess.append({"backbone": spec["backbone"], "mean": list(spec["mean"]), "std": list(spec["std"])})
         except RuntimeError as exc:
             raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({load_failure(exc)}); retrain") from None
         if state.get("head"):

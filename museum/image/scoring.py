@@ -30,16 +30,21 @@ class ScoringGraph(nn.Module):
     mean of their softmax) or, with `features`, the feature vectors a head takes."""
 
     def __init__(self, nets: Sequence[nn.Module], mean, std, tta: bool, features: bool = False):
+        """`mean`/`std`: one RGB triple for every network, or a triple per network (a mixed ensemble, whose
+        members normalise as their own backbones were pretrained)."""
         super().__init__()
         self.nets = nn.ModuleList(nets)
         self.tta, self.features = bool(tta), bool(features)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        # (networks, 3): 2-D, so that `.to(memory_format=channels_last)` leaves them be
+        per_net = lambda v: torch.tensor(v, dtype=torch.float32).reshape(-1, 3).expand(len(nets), 3).clone()  # noqa: E731
+        self.register_buffer("mean", per_net(mean))
+        self.register_buffer("std", per_net(std))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = (batch.float() / 255.0 - self.mean) / self.std  # as `augment.normalize`
+        pixels = batch.float() / 255.0
         outputs = []
-        for net in self.nets:
+        for k, net in enumerate(self.nets):
+            x = (pixels - self.mean[k].view(1, 3, 1, 1)) / self.std[k].view(1, 3, 1, 1)  # as `augment.normalize`
             y = net(x).float()
             if self.tta:  # the mirror view, as validation scored it
                 y = (y + net(x.flip(3)).float()) / 2

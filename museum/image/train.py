@@ -195,22 +195,28 @@ def fine_tune(config: ImageConfig, paths: list[Path], labels: list[str], val_pat
     n_members = len(seeds)
     if n_members > 1 and info.is_main:
         logger.info(f"{n_members} networks will be trained on these images and averaged (--members)")
-    loops, bests = [], []
+    loops, bests, specs = [], [], []
     for k, member_seed in enumerate(seeds):
-        if k:  # member 0 is the network built above, initialised under the run's seed
+        # member 0 is the network built above, initialised under the run's seed
+        net, spec = model.net, {"backbone": config.backbone, "mean": model.mean, "std": model.std}
+        if k:
             seed_everything(member_seed)
-            model.build(classes, size, config.weights)
+            net, spec, member_source = model.new_member(config.member_backbone(k), config.weights)
+            specs.append(spec)
             if info.is_main:
-                logger.info(f"member {k + 1}/{n_members} (seed {member_seed})")
+                logger.info(f"member {k + 1}/{n_members} (seed {member_seed}): {spec['backbone']}"
+                            + (f" ({member_source})" if spec["backbone"] != config.backbone else ""))
         member_out = out_dir if k == 0 else out_dir / f"member{k}"
         member_out.mkdir(parents=True, exist_ok=True)
-        loop = _member_loop(model, data, config, device, info, size, epochs, mixup, member_seed, member_out)
+        loop = _member_loop(net, spec, _member_meta(model.meta(), spec), data, config, device, info, size, epochs, mixup,
+                            member_seed, member_out)
         bests.append(fit(loop, resume=resume and (member_out / "last.pt").is_file()))
         loop.set_frozen(False)
         loop.optimizer.state.clear()  # the moments of a finished network would only hold memory
         loops.append(loop)
     model.net, model.device = unwrap(loops[0].model), device
     model.members = [unwrap(loop.model) for loop in loops[1:]]
+    model.member_preprocess = specs
     model.epoch, model.metric = bests[0]["best_epoch"], bests[0]["best_metric"]
     val, outputs = _ensemble_validation(loops)
     if val is not None and n_members > 1:
@@ -222,11 +228,22 @@ def fine_tune(config: ImageConfig, paths: list[Path], labels: list[str], val_pat
     if n_members > 1:
         if info.is_main:  # best.pt held member 0 alone while the others trained
             model.write_files(out_dir)
-        model.report_["members"] = [{"seed": seed, **best} for seed, best in zip(seeds, bests)]
+        backbones = [config.backbone, *(spec["backbone"] for spec in specs)]
+        model.report_["members"] = [{"seed": seed, "backbone": name, **best} for seed, name, best in zip(seeds, backbones, bests)]
         if info.is_main and val is not None:
             logger.info("members' val macro-F1 " + ", ".join(f"{b['best_metric']:.4f}" for b in bests)
                         + f"; averaged {val['macro_f1']:.4f}")
     return model
+
+
+def _member_meta(meta: dict, spec: dict) -> dict:
+    """The self-description of one member's own checkpoints (member{k}/best.pt): the model's, as a single
+    network of the member's backbone and normalisation."""
+    if spec["backbone"] == meta["backbone"]:
+        return meta
+    norm = {"mean": list(spec["mean"]), "std": list(spec["std"])}
+    return {**meta, **norm, "backbone": spec["backbone"], "preprocess": {**meta["preprocess"], **norm},
+            "config": {**meta["config"], "backbone": spec["backbone"], "members": 1}, "members": 1, "member_preprocess": []}
 
 
 @dataclass
@@ -243,10 +260,11 @@ class _Decoded:
     classes: list[str]
 
 
-def _member_loop(model: ImageModel, data: _Decoded, config: ImageConfig, device: str, info: DistInfo, size: int,
-                 epochs: int, mixup: float, seed: int, out_dir: Path) -> Loop:
-    """The optimiser, schedule, loss and batches of `model.net`, ready for `engine.fit`."""
-    net = model.net.to(device)
+def _member_loop(net: torch.nn.Module, spec: dict, meta: dict, data: _Decoded, config: ImageConfig, device: str,
+                 info: DistInfo, size: int, epochs: int, mixup: float, seed: int, out_dir: Path) -> Loop:
+    """The optimiser, schedule, loss and batches of `net` (normalised with `spec`'s mean/std; `meta` describes
+    its checkpoints), ready for `engine.fit`."""
+    net = net.to(device)
     if device.startswith("cpu"):
         net = net.to(memory_format=torch.channels_last)
     classes, counts, y_train, per_rank = data.classes, data.counts, data.y_train, data.per_rank
@@ -278,8 +296,8 @@ def _member_loop(model: ImageModel, data: _Decoded, config: ImageConfig, device:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if device.startswith("cuda") else None)
 
     generator = torch.Generator().manual_seed(seed + 1000 * info.rank)
-    mean = torch.tensor(model.mean, device=device)
-    std = torch.tensor(model.std, device=device)
+    mean = torch.tensor(spec["mean"], device=device)
+    std = torch.tensor(spec["std"], device=device)
     # Balanced draws: each class is drawn equally often, so a row's weight is 1 / its class count.
     sample_weights = torch.tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[y_train]
 
@@ -310,7 +328,7 @@ def _member_loop(model: ImageModel, data: _Decoded, config: ImageConfig, device:
         val_target=data.y_val, val_index=data.val_index, classes=classes,
         prepare_train=lambda x: to_device_layout(augment(x, size, generator, config.crop_scale, config.color_jitter, mean, std)),
         prepare_eval=lambda x: to_device_layout(normalize(x, mean, std)),
-        generator=generator, out=out_dir, meta=model.meta(), epochs=epochs, patience=config.patience,
+        generator=generator, out=out_dir, meta=meta, epochs=epochs, patience=config.patience,
         device=device, images_per_epoch=per_rank, set_frozen=set_frozen, freeze_epochs=freeze, amp=amp,
         scaler=scaler, info=info, tta_flip=config.tta,
         ema=WeightEMA(net, 1 - 1 / max(1.0, config.ema * steps * epochs)) if config.ema > 0 else None,

@@ -139,7 +139,9 @@ def _networks(run_dir: Path, history: list[dict], members: list[dict], best: int
 
 
 def _network_label(k: int, members: list[dict]) -> str:
-    return f"network {k + 1}" + (f" (seed {members[k]['seed']})" if k < len(members) and "seed" in members[k] else "")
+    saved = members[k] if k < len(members) else {}
+    about = ", ".join(part for part in (saved.get("backbone"), f"seed {saved['seed']}" if "seed" in saved else "") if part)
+    return f"network {k + 1}" + (f" ({about})" if about else "")
 
 
 def _resolved(run_dir: Path, config: dict, saved: dict) -> dict:
@@ -285,8 +287,8 @@ def _data_section(out_dir: Path, report: ReportInput, metrics: dict | None) -> s
     if report.data:
         parts.append(html.key_values(report.data))
     if report.members:
-        parts.append(html.table(("network", "seed", "best epoch", "validation macro-F1 alone"),
-                                [(k + 1, m.get("seed"), m.get("best_epoch"), m.get("best_metric"))
+        parts.append(html.table(("network", "backbone", "seed", "best epoch", "validation macro-F1 alone"),
+                                [(k + 1, m.get("backbone", ""), m.get("seed"), m.get("best_epoch"), m.get("best_metric"))
                                  for k, m in enumerate(report.members)]))
     if counts:
         parts.append(html.png(plots.class_distribution(dict(counts), out_dir / "class_distribution.png",
