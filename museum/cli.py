@@ -433,7 +433,7 @@ def train_image(
     backbone_lr: float = typer.Option(IMAGE.backbone_lr, help="Backbone learning rate as a share of --lr (the new head gets --lr)."),
     ema: float = typer.Option(IMAGE.ema, help="Validate and keep an average of the weights over this share of all steps; 0 = off."),
     tta: bool = typer.Option(IMAGE.tta, "--tta/--no-tta", help="Score each image and its mirror image, averaged."),
-    members: int = typer.Option(IMAGE.members, help="Networks to fine-tune (seeds SEED, SEED+100, ...) and average; 0 = auto: 3 below 500 training images, else 1."),
+    members: int = typer.Option(IMAGE.members, help="Networks to fine-tune (seeds SEED, SEED+100, ...) and average; 0 = auto: 4 below 500 training images, else 1."),
     mix_backbone: str = typer.Option(IMAGE.mix_backbone, help="Backbone of every second ensemble member (2, 4, ...), with its own pretrained normalisation; none = all members use --backbone."),
     label_smoothing: float = typer.Option(IMAGE.label_smoothing, help="Cross-entropy label smoothing."),
     balance: str = typer.Option(IMAGE.balance, help="loss (cross-entropy weighted ∝ 1/class count, at most 10× apart), sampler (class-balanced draws) or none."),

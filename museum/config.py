@@ -232,7 +232,7 @@ class ImageConfig:
     soft_f1: float = 0.0  # weight of the soft-F1 term in the loss (0..1)
     ema: float = 0.15  # horizon of the weight average that is validated and kept, as a share of all steps; 0 = off
     tta: bool = True  # validate and predict on the mean of each image's and its mirror's logits
-    members: int = 0  # networks trained under seeds seed, seed+100, ... and averaged; 0 = auto: 3 below 500 training images, else 1
+    members: int = 0  # networks trained under seeds seed, seed+100, ... and averaged; 0 = auto: 4 below 500 training images, else 1
     # An ensemble alternates two backbones: members 2, 4, ... use this one, with its own pretrained mean/std
     # ("none": every member uses `backbone`; so does `--weights PATH`, a state dict of `backbone` alone).
     mix_backbone: str = "mobilenet_v2"

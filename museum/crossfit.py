@@ -169,7 +169,7 @@ def _image_data(folder: Path, device: str | None) -> _ExpertData:
 def _pin_auto_options(config: ImageConfig, folder: Path, labels: list[str]) -> ImageConfig:
     """`config` with the options that `train-image` derives from the data size (0 = auto) fixed to the
     values the saved model got: a fold holds fewer images and would otherwise get more networks
-    (3 below 500) and epochs than the model it stands for."""
+    (4 below 500) and epochs than the model it stands for."""
     from museum.engine import load_checkpoint
     from museum.image.train import auto_epochs
 

@@ -153,7 +153,8 @@ def accuracy(name: str, quick: bool, out_root: Path, threads: int, seed: int = 0
     return {"dataset": name, "seed": seed, "backbone": backbone,
             "macro_f1": round(val["macro_f1"], 4), "accuracy": round(val["accuracy"], 4),
             "target": TARGETS.get(name), "best_epoch": model.epoch, "epochs_run": len(model.report_["history"]),
-            "input_size": model.input_size, "seconds": round(seconds, 1),
+            "input_size": model.input_size, "members": model.report_.get("resolved", {}).get("members"),
+            "seconds": round(seconds, 1),
             "load_average_1min_at_end": round(os.getloadavg()[0], 2)}  # > CPUs: other jobs slowed this run
 
 

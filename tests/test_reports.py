@@ -31,7 +31,7 @@ from museum.utils import read_json, write_json
 
 @pytest.fixture(scope="session")
 def image_run(tmp_path_factory, characters_dir) -> Path:
-    """A real one-epoch train-image run folder on simpsons_small (64 px to stay quick; 3 networks, as auto picks for 259 images)."""
+    """A real one-epoch train-image run folder on simpsons_small (64 px to stay quick; 4 networks, Lite2 and MobileNetV2 in turn, as auto picks for 259 images)."""
     from museum.train_image import train_image_model
 
     out = tmp_path_factory.mktemp("image_run")
@@ -212,9 +212,11 @@ def test_image_run_report_opens_in_chromium(tmp_path, image_run):
     thumbs = _check_figures(check, image_run)
     assert len(thumbs) == 48 + 16  # the validation sample and the highest-loss examples
     assert "Most-confused pairs" in check.dom and "Calibration" in check.dom
-    assert "each of the 3 networks" in text and "validation macro-F1 alone" in text
+    assert "each of the 4 networks" in text and "validation macro-F1 alone" in text
+    members = read_json(image_run / "metrics.json")["members"]  # a mixed ensemble: the report's table names each backbone
+    assert [m["backbone"] for m in members] == [ImageConfig.backbone, "mobilenet_v2"] * 2
     resolved = read_json(image_run / "metrics.json")["resolved"]
-    assert resolved["members"] == 3 and resolved["input_size"] == 64
+    assert resolved["members"] == 4 and resolved["input_size"] == 64
     # config.json holds members 0, mixup null, threads 0, device auto: each shows what the trainer chose
     for key in ("members", "mixup", "threads", "device"):
         value = resolved[key]
