@@ -218,6 +218,12 @@ def test_members_are_averaged_saved_and_resumed(tiny_folder, tmp_path, monkeypat
     loaded.members, loaded.member_preprocess = [], []
     alone.append(loaded.predict_proba(images))
     np.testing.assert_allclose(full.predict_proba(images), np.mean(alone, 0), atol=1e-6)
+    # A checkpoint is untrusted input: a member description that is not {backbone, mean, std} is one line.
+    state = engine.load_checkpoint(tmp_path / "full" / "best.pt")
+    engine.save_checkpoint({**state, "member_preprocess": [{"backbone": "mobilenet_v2", "mean": [0.5], "std": "x"}]},
+                           tmp_path / "tampered.pt")
+    with pytest.raises(MuseumError, match="member_preprocess is malformed"):
+        ImageModel.load(tmp_path / "tampered.pt", device="cpu")
 
     real = engine.train_one_epoch
     calls = {"n": 0}
