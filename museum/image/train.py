@@ -94,8 +94,9 @@ def auto_members(n_train: int) -> int:
     backbone grid (split seeds 0/1/2, validation macro-F1), Lite2 + MobileNetV2 + Lite2 gave 0.904 /
     0.986 / 0.970 on quintuplets / simpsons_small / quintuplets_faces where three Lite2 gave 0.894 /
     0.975 / 0.955 and three MobileNetV2 0.894 / 0.972 / 0.978, and a fourth network (MobileNetV2)
-    0.924 / 0.988 / 0.974. MobileNetV2 trains in about two thirds of Lite2's time, so four mixed
-    networks cost about as much as 3.3 Lite2 ones (scripts/bench_image.py for the trained figures).
+    0.924 / 0.988 / 0.974. Trained (scripts/bench_image.py --backbones tf_efficientnet_lite2+mobilenet_v2),
+    four mixed networks gave 0.895 / 0.991 / 0.970, at 1.0-1.1x three Lite2's time: MobileNetV2 trains
+    in about two thirds of Lite2's (quintuplets_faces, quiet 2-core CPU: 390 s against 376 s for three Lite2).
     """
     return 4 if n_train < SMALL_SET else 1
 
