@@ -235,7 +235,7 @@ def test_report_of_a_run_written_before_resolved_values(tmp_path, image_run):
     write_json(run / "config.json", {**read_json(run / "config.json"), "input_size": 0})
     text = build_run_report(run).read_text(encoding="utf-8")
     assert "<span>input_size</span> <b>64</b> <i>(auto)</i>" in text
-    assert "<span>members</span> <b>3</b> <i>(auto)</i>" in text
+    assert "<span>members</span> <b>4</b> <i>(auto)</i>" in text
     assert "<span>threads</span> <i>auto (not recorded by this run)</i>" in text
 
 
