@@ -21,7 +21,7 @@ macro-F1 and training seconds per set and backbone and writes bench_results/benc
 `offline` means every backbone whose ImageNet weights an installed package ships (mobilenet_v2,
 tf_efficientnet_lite0/1/2). A plain name trains every ensemble member on that backbone; `A+B` is a mixed
 ensemble, members alternating A and B (train-image's default is tf_efficientnet_lite2+mobilenet_v2 on sets
-small enough for three members). The full grid takes hours on two shared cores:
+small enough for four members). The full grid takes hours on two shared cores:
 
     python scripts/bench_image.py --backbones offline --seeds 0,1,2 --threads 1
     python scripts/bench_image.py --backbones offline --datasets quintuplets_faces --quick   # a smoke run

@@ -255,7 +255,8 @@ def export_model(model_dir: str | Path, fmt: str = "onnx", out: str | Path | Non
         "source": str(model_dir.resolve()), "backbone": model.config.backbone, "kind": model.kind,
         "classes": list(model.classes_), "input_size": model.input_size, "interpolation": model.interpolation,
         "mean": list(model.mean), "std": list(model.std), "tta": bool(model.config.tta),
-        "members": 1 + len(model.members), "member_preprocess": model.member_preprocess, "output": "features" if model.head is not None else "proba",
+        "members": 1 + len(model.members), "member_preprocess": model.member_preprocess,
+        "output": "features" if model.head is not None else "proba",
         "decision": model.decision, "head": model.head.kind if model.head is not None else None,
     }
     new_folder, started = not out.exists(), time.perf_counter()

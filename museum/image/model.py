@@ -123,9 +123,13 @@ class ImageModel:
             check_input_size(made.module, backbone, self.input_size)
         return made.module, {"backbone": backbone, "mean": list(mean), "std": list(std)}, made.source
 
+    def net_spec(self) -> dict:
+        """{"backbone", "mean", "std"} of `net`, in the form `member_preprocess` holds for the other networks."""
+        return {"backbone": self.config.backbone, "mean": list(self.mean), "std": list(self.std)}
+
     def network_norms(self) -> tuple[list, list]:
         """(mean, std) per network, `net` first."""
-        specs = [{"mean": self.mean, "std": self.std}, *self.member_preprocess]
+        specs = [self.net_spec(), *self.member_preprocess]
         return [list(s["mean"]) for s in specs], [list(s["std"]) for s in specs]
 
     @property
@@ -336,12 +340,12 @@ class ImageModel:
             # Checkpoints from before mixed ensembles: every member is `backbone`, normalised as `net`.
             specs = state.get("member_preprocess") or []
             for k, member_state in enumerate(state.get("member_state_dicts") or []):
-                spec = specs[k] if k < len(specs) else {"backbone": model.config.backbone, "mean": model.mean, "std": model.std}
+                spec = specs[k] if k < len(specs) else model.net_spec()
                 _check_member_spec(spec, path)
                 member, _ = build_backbone(spec["backbone"], len(model.classes_), "none", model.input_size)
                 member.load_state_dict(member_state)
                 model.members.append(member.eval())
-                model.member_preprocess.append({"backbone": spec["backbone"], "mean": list(spec["mean"]), "std": list(spec["std"])})
+                model.member_preprocess.append(dict(spec))
         except RuntimeError as exc:
             raise MuseumError(f"{path}: weights do not fit backbone {state['backbone']} ({load_failure(exc)}); retrain") from None
         if state.get("head"):

@@ -207,7 +207,7 @@ def fine_tune(config: ImageConfig, paths: list[Path], labels: list[str], val_pat
     loops, bests, specs = [], [], []
     for k, member_seed in enumerate(seeds):
         # member 0 is the network built above, initialised under the run's seed
-        net, spec = model.net, {"backbone": config.backbone, "mean": model.mean, "std": model.std}
+        net, spec = model.net, model.net_spec()
         if k:
             seed_everything(member_seed)
             net, spec, member_source = model.new_member(config.member_backbone(k), config.weights)
