@@ -405,7 +405,7 @@ def evaluate_cmd(
 IMAGE_FIELDS = {name: name for name in (
     "seed", "val_fraction", "dedup_split", "device", "backbone", "weights", "input_size", "epochs", "patience", "batch_size",
     "lr", "weight_decay", "warmup_epochs", "freeze_epochs", "trainable", "backbone_lr", "ema", "tta", "members", "mix_backbone",
-    "label_smoothing", "balance", "soft_f1", "crop_scale", "color_jitter", "mixup", "amp", "workers", "threads", "cache_dir",
+    "label_smoothing", "balance", "soft_f1", "crop_scale", "color_jitter", "grayscale", "mixup", "amp", "workers", "threads", "cache_dir",
     "head", "head_features", "embeddings", "positive", "target_precision")}
 
 
@@ -421,8 +421,8 @@ def train_image(
     force: bool = FORCE_OPTION,
     backbone: str = typer.Option(IMAGE.backbone, help="torchvision or timm model name (mobilenet_v2, resnet18, tf_efficientnet_lite0, timm:convnext_tiny, ...)."),
     weights: str = typer.Option(IMAGE.weights, help="imagenet, none, or a .pth state dict file."),
-    input_size: int = typer.Option(IMAGE.input_size, help="Square input size in pixels; 0 = from the data (64 for thumbnails, else 160)."),
-    epochs: int = typer.Option(IMAGE.epochs, help="Maximum epochs (early stopping on validation macro-F1); 0 = from the data size, 8..20."),
+    input_size: int = typer.Option(IMAGE.input_size, help="Square input size in pixels; 0 = from the data (96 for thumbnails, else 160)."),
+    epochs: int = typer.Option(IMAGE.epochs, help="Maximum epochs (early stopping on validation macro-F1); 0 = from the data size: 8..20, fewer for thousands of images on a CPU."),
     patience: int = typer.Option(IMAGE.patience, help="Epochs without improvement before stopping."),
     batch_size: int = typer.Option(IMAGE.batch_size, help="Images per step (per process under torchrun)."),
     lr: float = typer.Option(IMAGE.lr, help="AdamW peak learning rate."),
@@ -440,6 +440,7 @@ def train_image(
     soft_f1: float = typer.Option(IMAGE.soft_f1, help="Weight of the soft-F1 term in the loss, 0..1."),
     crop_scale: float = typer.Option(IMAGE.crop_scale, help="Smallest area share of the random resized crop."),
     color_jitter: float = typer.Option(IMAGE.color_jitter, help="Brightness/contrast/saturation jitter, 0 = off."),
+    grayscale: float = typer.Option(IMAGE.grayscale, help="Share of training images turned grey, 0..1."),
     mixup: str = typer.Option("auto", help="Share of batches trained on mixup blends of image pairs (0..1), or auto: 1 when training runs 10 epochs or more, else 0."),
     amp: bool = typer.Option(IMAGE.amp, "--amp/--no-amp", help="Mixed precision on CUDA."),
     workers: int = typer.Option(IMAGE.workers, help="Decoding processes; 0 = min(4, CPUs)."),
@@ -478,7 +479,7 @@ def embed_cmd(
     out: Path = typer.Option(Path("embeddings.npz"), "--out", help="Embeddings file to write (reused as is when up to date)."),
     backbone: str = typer.Option(IMAGE.backbone, help="torchvision or timm model name (as train-image --backbone)."),
     weights: str = typer.Option("imagenet", help="imagenet or a .pth state dict file."),
-    input_size: int = typer.Option(0, help="Square input size; 0 = as train-image picks (64 for thumbnails, else 160)."),
+    input_size: int = typer.Option(0, help="Square input size; 0 = as train-image picks (96 for thumbnails, else 160)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each image's features with its mirror's (as train-image --head)."),
     features: str = typer.Option("stages", help="stages (several trunk stages + colour histogram, as train-image --head) or pooled (final vector)."),
     workers: int = typer.Option(0, help="Decoding processes; 0 = min(4, CPUs)."),

@@ -216,9 +216,9 @@ class ImageConfig:
     # the most accurate offline backbone over the character sets and museum photos (scripts/bench_image.py --backbones)
     backbone: str = "tf_efficientnet_lite2"
     weights: str = "imagenet"  # imagenet | none | path to a state dict
-    input_size: int = 0  # 0 = from the data: 64 px for thumbnails, else 160 px
+    input_size: int = 0  # 0 = from the data: 96 px for thumbnails, else 160 px
     # optimisation
-    epochs: int = 0  # 0 = from the training-set size (see `auto_epochs`)
+    epochs: int = 0  # 0 = from the training-set size, input size and device (see `auto_epochs`)
     patience: int = 5
     batch_size: int = 32
     lr: float = 1e-3
@@ -239,6 +239,7 @@ class ImageConfig:
     # augmentation
     crop_scale: float = 0.35  # smallest area share of a random resized crop
     color_jitter: float = 0.3
+    grayscale: float = 0.0  # share of training images turned grey
     mixup: float | None = None  # share of batches trained on mixup blends of pairs; None = auto (see `auto_mixup`)
     # runtime
     amp: bool = True  # mixed precision on CUDA only
@@ -278,6 +279,7 @@ class ImageConfig:
         if not 0.05 <= self.crop_scale <= 1.0:
             check.fail("crop_scale", "must be between 0.05 and 1")
         check.share("color_jitter", upper_open=True)
+        check.share("grayscale")
         check.share("mixup", why="must be between 0 and 1, or auto")
         check.one_of("head", IMAGE_HEADS)
         check.one_of("head_features", HEAD_FEATURES)

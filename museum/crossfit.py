@@ -36,7 +36,7 @@ from museum.experts import Experts, score_chunk
 from museum.fusion import FusionChoice, choose_fusion, grouped_folds, union_classes
 from museum.log import logger
 from museum.provenance import check_training_record, folder_record, sha256_file
-from museum.utils import atomic_path, read_json
+from museum.utils import atomic_path, read_json, resolve_device
 
 CACHE_NAME = "crossfit"
 CACHE_FORMAT = "museum-crossfit/1"
@@ -175,9 +175,9 @@ def _pin_auto_options(config: ImageConfig, folder: Path, labels: list[str]) -> I
 
     meta = load_checkpoint(folder / "best.pt")
     n_train = len(stratified_split(labels, config.val_fraction, config.seed)[0])
-    return replace(config, members=config.members or int(meta.get("members", 1)),
-                   input_size=config.input_size or int(meta["input_size"]),
-                   epochs=config.epochs or auto_epochs(n_train))
+    input_size = config.input_size or int(meta["input_size"])
+    return replace(config, members=config.members or int(meta.get("members", 1)), input_size=input_size,
+                   epochs=config.epochs or auto_epochs(n_train, input_size, resolve_device(config.device)))
 
 
 # ----------------------------------------------------------------------------- training one fold

@@ -355,7 +355,11 @@ def test_pretrained_fine_tune_keeps_early_layers(tiny_folder, tmp_path, offline)
 def test_auto_epochs_follow_the_data_size():
     from museum.image.train import auto_epochs
 
-    assert auto_epochs(40) == 20 and auto_epochs(259) == 15 and auto_epochs(6400) == 8
+    assert auto_epochs(40) == 20 and auto_epochs(259) == 15 and auto_epochs(600) == 8
+    # On a CPU the views are capped: simpsons_mnist's 6,400 thumbnails at 96 px train 6 epochs, a GPU takes 8;
+    # 20,000 photos at 160 px one epoch.
+    assert auto_epochs(6400, 96, "cpu") == 6 and auto_epochs(6400, 96, "cuda") == 8
+    assert auto_epochs(6400, 64, "cpu") == 8 and auto_epochs(20_000, 160, "cpu") == 1
 
 
 def test_auto_mixup_and_mixup_blends_pairs_reproducibly():

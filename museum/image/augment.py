@@ -1,4 +1,4 @@
-"""Batched augmentation on uint8 image tensors: random resized crop, flip, colour jitter.
+"""Batched augmentation on uint8 image tensors: random resized crop, flip, colour jitter, greyscale.
 
 One `grid_sample` call crops, rescales and flips a whole batch, so augmenting costs a few
 per cent of a training step instead of a per-image PIL pipeline in worker processes.
@@ -24,8 +24,10 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(batch_uint8: torch.Tensor, size: int, generator: torch.Generator, crop_scale: float = 0.35,
-            jitter: float = 0.3, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
-    """Randomly crop (area share in [crop_scale, 1], aspect 3/4..4/3), flip and colour-jitter a batch.
+            jitter: float = 0.3, mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+            grayscale: float = 0.0) -> torch.Tensor:
+    """Randomly crop (area share in [crop_scale, 1], aspect 3/4..4/3), flip and colour-jitter a batch,
+    and turn a `grayscale` share of its images grey.
 
     Returns a normalised float batch (B, 3, size, size) on the input's device.
     """
@@ -59,6 +61,10 @@ def augment(batch_uint8: torch.Tensor, size: int, generator: torch.Generator, cr
         grey = _grey(x)
         x = (x - grey) * factor() + grey  # saturation
         x = x.clamp_(0.0, 1.0)
+
+    if grayscale > 0:
+        grey_rows = (rand(b) < grayscale).view(b, 1, 1, 1)
+        x = torch.where(grey_rows, _grey(x).expand_as(x), x)
 
     if mean is not None and std is not None:
         x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
