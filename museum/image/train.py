@@ -29,7 +29,7 @@ from museum.image.augment import augment, normalize
 from museum.image.backbones import head_parameter_names
 from museum.image.head_train import fit_head_model
 from museum.image.model import ImageModel
-from museum.image.preprocess import resolve_input_size
+from museum.image.preprocess import PHOTO_INPUT, resolve_input_size
 from museum.image.validation import split_train_val, val_prediction_rows
 from museum.log import logger
 from museum.utils import check_classes, resolve_device, seed_everything
@@ -41,7 +41,7 @@ from museum.utils import check_classes, resolve_device, seed_everything
 CPU_BUDGET_VIEWS = 14_000
 
 
-def auto_epochs(n_train: int, input_size: int = 160, device: str = "cpu") -> int:
+def auto_epochs(n_train: int, input_size: int = PHOTO_INPUT, device: str = "cpu") -> int:
     """Epochs for the data size: about 4,000 image views in all, between 8 and 20 epochs, and on a CPU
     no more than `CPU_BUDGET_VIEWS` (at least one epoch).
 
@@ -51,10 +51,11 @@ def auto_epochs(n_train: int, input_size: int = 160, device: str = "cpu") -> int
     0.937 / 0.926 / 0.930 on split seeds 0 / 1 / 2 against 8 epochs' 0.945 / 0.939 / 0.936 in 11 minutes;
     sets below 1,700 photos at 160 px are not capped (museum_multimodal's 600 keep 8).
     """
-    epochs = int(np.clip(round(4000 / max(n_train, 1)), 8, 20))
+    n_train = max(n_train, 1)
+    epochs = int(np.clip(round(4000 / n_train), 8, 20))
     if device == "cpu":
-        views = max(n_train, 1) * (input_size / 160) ** 2
-        epochs = min(epochs, max(1, int(CPU_BUDGET_VIEWS / views)))
+        views_at_photo_size = n_train * (input_size / PHOTO_INPUT) ** 2
+        epochs = min(epochs, max(1, int(CPU_BUDGET_VIEWS / views_at_photo_size)))
     return epochs
 
 
